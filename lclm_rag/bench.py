@@ -1,0 +1,147 @@
+"""Benchmarks: compression throughput and decoder time-to-first-token, measured in one run.
+
+Results go to JSON and a markdown table; record them in docs/benchmarks.md with date and machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lclm_rag.chunking import chunk_text
+from lclm_rag.compressor import LatentCompressor
+from lclm_rag.config import LatentConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine_info() -> dict:
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def sample_passages(tokenizer, n: int, tokens: int = 128) -> list[str]:
+    """``n`` passages of exactly-ish ``tokens`` tokens from the shared corpus or the example docs."""
+    sources = [REPO_ROOT.parent / "shared/data/corpus/wiki_summaries.jsonl"]
+    texts: list[str] = []
+    for src in sources:
+        if src.exists():
+            with src.open() as fh:
+                for line in fh:
+                    texts.append(json.loads(line)["text"])
+                    if len(texts) > 4 * n:
+                        break
+    for doc in sorted((REPO_ROOT / "examples/docs").glob("*")) if not texts else []:
+        texts.append(doc.read_text())
+    out = []
+    for text in texts:
+        out.extend(c.text for c in chunk_text(text, tokenizer, tokens) if c.num_tokens == tokens)
+        if len(out) >= n:
+            break
+    if not out:
+        raise RuntimeError("no benchmark text found (need ../shared/data or examples/docs)")
+    while len(out) < n:
+        out.extend(out[: n - len(out)])
+    return out[:n]
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_compression(encoder: str, layer_options: list[int | None], ratios: list[int], batches: list[int], n: int) -> list[dict]:
+    rows = []
+    for layers in layer_options:
+        base = LatentCompressor(LatentConfig(encoder=encoder, encoder_layers=layers, ratio=ratios[0])).eval()
+        passages = sample_passages(base.tokenizer, n)
+        tokens = sum(len(t) for t in base.tokenize(passages))
+        for ratio in ratios:
+            comp = LatentCompressor(LatentConfig(encoder=encoder, encoder_layers=layers, ratio=ratio), encoder=base.encoder, tokenizer=base.tokenizer).eval()
+            comp.compress(passages[:2])  # warm-up
+            for batch in batches:
+                seconds = _timed(lambda: comp.compress(passages, batch_size=batch), 1)
+                rows.append({
+                    "encoder_layers": layers or base.encoder.config.num_hidden_layers,
+                    "ratio": ratio, "batch": batch, "passages": n,
+                    "passages_per_s": round(n / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+                })
+    return rows
+
+
+def bench_ttft(model, ks: list[int], ratios: list[int], repeats: int = 3) -> list[dict]:
+    """Prefill + first token for k passages of 128 tokens: as latents at each ratio vs raw text."""
+    dec = model.decoder
+    passages = sample_passages(model.compressor.tokenizer, max(ks))
+    question = "What is the main topic of these passages?"
+    latents_by_ratio = {}
+    for ratio in ratios:
+        comp = LatentCompressor(
+            LatentConfig(**{**model.config.to_dict(), "ratio": ratio}), encoder=model.compressor.encoder, tokenizer=model.compressor.tokenizer
+        )
+        latents_by_ratio[ratio] = comp.compress(passages)
+    rows = []
+    for k in ks:
+        modes = [("text", passages[:k])] + [(f"latent 1:{r}", latents_by_ratio[r][:k]) for r in ratios]
+        for mode, slots in modes:
+            segments = dec.qa_segments(question, slots)
+            positions = sum(s.positions for s in segments)
+            seconds = _timed(lambda: dec.generate_from_segments([segments], max_new_tokens=1), repeats)
+            rows.append({"k": k, "mode": mode, "prompt_positions": positions, "ttft_s": round(seconds, 4)})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_core_benchmark(checkpoint: str | None = None, quick: bool = False, output: str | None = None) -> dict:
+    from lclm_rag.cli import load_model
+
+    model = load_model(checkpoint)
+    if quick:
+        compression = bench_compression(model.config.encoder, [model.config.encoder_layers], [4], [1, 4], n=8)
+        ttft = bench_ttft(model, [1, 2], [4], repeats=1)
+    else:
+        compression = bench_compression(model.config.encoder, [None, model.config.encoder_layers], [4, 8, 16], [1, 8, 32], n=64)
+        ttft = bench_ttft(model, [1, 5, 10, 20], [4, 8, 16])
+    result = {"machine": machine_info(), "compression": compression, "ttft": ttft}
+    by = {(r["k"], r["mode"]): r["ttft_s"] for r in ttft}
+    k_max = max(r["k"] for r in ttft)
+    result["summary"] = {
+        "machine": result["machine"],
+        f"ttft_text_k{k_max}_s": by[(k_max, "text")],
+        **{f"ttft_{m.replace(' ', '_')}_k{k_max}_s": v for (k, m), v in by.items() if k == k_max and m != "text"},
+        "best_passages_per_s": max(r["passages_per_s"] for r in compression),
+    }
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2))
+        Path(output).with_suffix(".md").write_text(
+            f"Measured {result['machine']['date']} on {result['machine']['cores']} cores "
+            f"({result['machine']['cpu']}, torch {result['machine']['torch']}).\n\n"
+            "### Compression\n\n" + markdown_table(compression) + "\n\n### Time to first token\n\n" + markdown_table(ttft) + "\n"
+        )
+    return result

@@ -1,0 +1,116 @@
+"""Checkpoint directories: ours, and the layout of the published LCLM checkpoints.
+
+Ours::
+
+    config.json               every shape setting and the base model references
+    projector.safetensors     norm / fc1 / fc2
+    decoder.safetensors       learned boundary embeddings (boundary="learned")
+    compressor.safetensors    memory embeddings (pooling="memory")
+    encoder_lora/ decoder_lora/   peft adapters, when trained
+
+LCLM (LeonLixyz/LCLM release)::
+
+    model_config.json         compression_ratio, pooling, encoder_mask_type, encoder_window_size, ...
+    encoder/ decoder/         full Hugging Face model folders (the decoder's tokenizer holds
+                              <|memory_start|> and <|memory_end|>)
+    adapter/adapter.safetensors   RMSNorm -> Linear -> GELU -> Linear (norm / fc1 / fc2)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lclm_rag.config import CONFIG_NAME, LatentConfig
+from lclm_rag.errors import CheckpointError, ConfigError
+
+LCLM_CONFIG = "model_config.json"
+LCLM_ADAPTER = "adapter/adapter.safetensors"
+PACKAGED_DIR = Path(__file__).parent / "checkpoints"
+
+
+def require_file(directory: str | Path, name: str) -> Path:
+    path = Path(directory) / name
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(directory)!r} is missing {name}")
+    return path
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def packaged_checkpoints() -> dict[str, Path]:
+    """Trained compressors shipped with the package, by name (e.g. ``smollm2-135m-r4``)."""
+    if not PACKAGED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(PACKAGED_DIR.iterdir()) if (p / CONFIG_NAME).exists()}
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A checkpoint directory from a path or the name of a packaged checkpoint."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    packaged = packaged_checkpoints()
+    if str(name_or_path) in packaged:
+        return packaged[str(name_or_path)]
+    raise CheckpointError(
+        f"checkpoint {str(name_or_path)!r} is neither a directory nor a packaged checkpoint "
+        f"(packaged: {sorted(packaged) or 'none'})"
+    )
+
+
+def is_lclm_layout(directory: str | Path) -> bool:
+    return (Path(directory) / LCLM_CONFIG).exists() and not (Path(directory) / CONFIG_NAME).exists()
+
+
+def lclm_config(directory: str | Path) -> LatentConfig:
+    """Translate an LCLM ``model_config.json`` into our config, refusing what we cannot reproduce."""
+    directory = Path(directory)
+    raw = json.loads(require_file(directory, LCLM_CONFIG).read_text())
+    for sub in ("encoder", "decoder"):
+        require_file(directory, f"{sub}/config.json")
+    require_file(directory, LCLM_ADAPTER)
+    ratio = raw.get("compression_ratio", raw.get("chunk_size"))
+    if ratio is None:
+        raise CheckpointError(f"{directory / LCLM_CONFIG} has no compression_ratio")
+    checks = {
+        "pooling": (raw.get("pooling", "mean"), ("mean",)),
+        "encoder_mask_type": (raw.get("encoder_mask_type", "causal"), ("causal",)),
+        "adapter_type": (raw.get("adapter_type", "mlp"), ("mlp",)),
+        "boundary_overlap": (raw.get("boundary_overlap", 0), (0,)),
+    }
+    for key, (value, supported) in checks.items():
+        if value not in supported:
+            raise ConfigError(f"LCLM checkpoint {str(directory)!r}: {key}={value!r} is not supported (supported: {supported})")
+    decoder_cfg = json.loads((directory / "decoder" / "config.json").read_text())
+    decoder_hidden = decoder_cfg.get("hidden_size") or decoder_cfg.get("text_config", {}).get("hidden_size")
+    return LatentConfig(
+        encoder=str(directory / "encoder"),
+        encoder_layers=None,
+        pooling="mean",
+        ratio=int(ratio),
+        encoder_window=int(raw.get("encoder_window_size", 1024)),
+        decoder=str(directory / "decoder"),
+        boundary="tokens",
+        boundary_tokens=("<|memory_start|>", "<|memory_end|>"),
+        projector_hidden_size=decoder_hidden,
+        projector_eps=1e-6,
+        extra={"source_format": "lclm", "lclm_model_config": raw},
+    )
+
+
+def load_config(directory: str | Path) -> LatentConfig:
+    """Config of a checkpoint in either layout."""
+    directory = resolve_checkpoint(directory)
+    if is_lclm_layout(directory):
+        return lclm_config(directory)
+    return LatentConfig.load(directory)

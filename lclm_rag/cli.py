@@ -1,0 +1,107 @@
+"""`lclm-rag` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from lclm_rag.errors import LclmRagError
+
+SAMPLE_PASSAGE = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+    "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+    "from 1887 to 1889 as the centerpiece of the 1889 World's Fair."
+)
+SAMPLE_QUESTION = "Who is the Eiffel Tower named after?"
+
+
+def load_model(checkpoint: str | None):
+    """The named checkpoint, else the packaged default, else an untrained default (with a warning)."""
+    from lclm_rag.checkpoint import packaged_checkpoints
+    from lclm_rag.config import LatentConfig
+    from lclm_rag.model import DEFAULT_CHECKPOINT, LatentContextModel
+
+    if checkpoint:
+        return LatentContextModel.from_pretrained(checkpoint)
+    if DEFAULT_CHECKPOINT in packaged_checkpoints():
+        return LatentContextModel.from_pretrained(DEFAULT_CHECKPOINT)
+    logging.warning("no trained checkpoint is packaged: using an untrained projector (answers from latents are noise)")
+    return LatentContextModel.from_config(LatentConfig()).eval()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    model = load_model(args.checkpoint)
+    t = time.perf_counter()
+    latents = model.compress([args.passage])[0]
+    t_compress = time.perf_counter() - t
+    n_tokens = len(model.compressor.tokenize([args.passage])[0])
+    print(f"passage: {n_tokens} tokens -> {latents.shape[0]} latents of width {latents.shape[1]} "
+          f"(ratio 1:{model.config.ratio}, {t_compress * 1000:.0f} ms)")
+    print(f"compressor fingerprint: {model.fingerprint()}")
+    print(f"question: {args.question}")
+    for label, slots in (("from latents", [latents]), ("from raw text", [args.passage]), ("no context", [])):
+        t = time.perf_counter()
+        answer = model.answer(args.question, slots, max_new_tokens=args.max_new_tokens)
+        print(f"answer {label:>13}: {answer!r}  ({time.perf_counter() - t:.2f} s)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lclm_rag.train import main_from_config
+
+    print(main_from_config(args.config, max_steps=args.max_steps))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lclm_rag.bench import run_core_benchmark
+
+    result = run_core_benchmark(args.checkpoint, quick=args.quick, output=args.output)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lclm-rag", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="compress a passage and answer a question from its latents")
+    p.add_argument("--checkpoint", help="checkpoint directory or packaged name (default: the packaged one)")
+    p.add_argument("--passage", default=SAMPLE_PASSAGE)
+    p.add_argument("--question", default=SAMPLE_QUESTION)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
+    p.add_argument("--config", required=True, help="JSON or YAML training config")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")
+    p.add_argument("--checkpoint")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    p.add_argument("--output", default="docs/bench_core.json")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except LclmRagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The encoder side: text -> a few latent vectors per passage (1 per `ratio` tokens).
+
+Two pooling modes from the literature:
+- ``mean`` (LCLM): the encoder's last hidden states are split into groups of ``ratio`` tokens
+  and each group is averaged (a short last group averages only its real tokens).
+- ``memory`` (Squid): ``ceil(T / ratio)`` learned memory embeddings are appended after the
+  passage and their hidden states are the latents.
+
+Passages longer than ``encoder_window`` are cut into windows, each compressed on its own, and
+the latents concatenated: nothing is truncated. Batches are right-padded, so with causal
+attention a passage's latents do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lclm_rag.config import LatentConfig
+from lclm_rag.errors import ConfigError, InputError
+from lclm_rag.hub import resolve_model
+
+logger = logging.getLogger(__name__)
+
+COMPRESSOR_WEIGHTS = "compressor.safetensors"
+ENCODER_LORA_DIR = "encoder_lora"
+
+
+def _transformer_layers(model: nn.Module) -> nn.ModuleList:
+    for attr in ("layers", "h", "block"):
+        layers = getattr(model, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ConfigError(f"cannot find the transformer layers of {type(model).__name__} to truncate the encoder")
+
+
+def load_encoder(name_or_path: str, num_layers: int | None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the base (headless) transformer of a causal LM, keeping only its first ``num_layers``."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    total = config.num_hidden_layers
+    if num_layers is not None:
+        if num_layers > total:
+            raise ConfigError(f"encoder_layers={num_layers} but {name_or_path!r} has only {total} layers")
+        config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dropped layers' weights are "unused": expected, not news
+    try:
+        model = AutoModel.from_pretrained(path, config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if len(_transformer_layers(model)) != (num_layers or total):
+        raise ConfigError(f"could not truncate {name_or_path!r} to {num_layers} layers")
+    model.eval()
+    return model
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors, cast to float32 so the dtype a model is run in does not matter."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class LatentCompressor(nn.Module):
+    """Encoder LM + pooling. ``compress(texts)`` returns one ``(n_i, hidden)`` tensor per text."""
+
+    def __init__(self, config: LatentConfig, encoder: nn.Module | None = None, tokenizer=None) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.encoder = encoder if encoder is not None else load_encoder(config.encoder, config.encoder_layers)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(resolve_model(config.encoder))
+        hidden = self.encoder.config.hidden_size
+        if config.encoder_hidden_size and config.encoder_hidden_size != hidden:
+            raise ConfigError(
+                f"config says encoder_hidden_size={config.encoder_hidden_size} but {config.encoder!r} has {hidden}"
+            )
+        config.encoder_hidden_size = hidden
+        if config.pooling == "memory":
+            embed = self.encoder.get_input_embeddings().weight.detach()
+            init = embed.mean(0, keepdim=True) + embed.std() * torch.randn(config.max_memory_tokens, hidden) * 0.1
+            self.memory_embeddings = nn.Parameter(init.to(embed.dtype))
+        else:
+            self.memory_embeddings = None
+        if config.encoder_lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.encoder = get_peft_model(self.encoder, LoraConfig(**config.encoder_lora))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.encoder_calls = 0  # forward passes through the encoder (query paths must leave it at 0)
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encoder token ids of each passage (no special tokens). Rejects empty or non-string input."""
+        if isinstance(texts, str):
+            raise InputError("compress() takes a list of passages, not a single string: wrap it in [...]")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"passage {i} is {type(text).__name__}, not str")
+            if not text.strip():
+                raise InputError(f"passage {i} is empty: there is nothing to compress")
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def num_latents(self, num_tokens: int) -> int:
+        """Latents for a passage of ``num_tokens`` tokens: ceil(T / ratio), window by window."""
+        w, r = self.config.encoder_window, self.config.ratio
+        full, rest = divmod(num_tokens, w)
+        return full * (w // r) + math.ceil(rest / r)
+
+    # ------------------------------------------------------------------ encoding
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def _encode_windows(self, windows: list[list[int]]) -> list[torch.Tensor]:
+        """One batched forward over windows (each <= encoder_window tokens) -> pooled latents."""
+        r = self.config.ratio
+        lens = [len(w) for w in windows]
+        counts = [math.ceil(n / r) for n in lens]
+        memory = self.memory_embeddings is not None
+        totals = [n + c for n, c in zip(lens, counts)] if memory else lens
+        width = max(totals)
+        ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(windows), width), dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = torch.tensor(w, dtype=torch.long)
+            mask[i, : totals[i]] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.encoder.get_input_embeddings()(ids)
+        if memory:  # place memory slots right after each passage's tokens
+            rows = []
+            for i, (n, c) in enumerate(zip(lens, counts)):
+                rows.append(torch.cat([embeds[i, :n], self.memory_embeddings[:c].to(embeds.dtype), embeds[i, n + c :]]))
+            embeds = torch.stack(rows)
+        self.encoder_calls += 1
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        out = []
+        for i, (n, c) in enumerate(zip(lens, counts)):
+            if memory:
+                out.append(hidden[i, n : n + c])
+                continue
+            h = hidden[i, :n]
+            pad = c * r - n
+            if pad:
+                h = torch.cat([h, h.new_zeros(pad, h.shape[-1])])
+            sums = h.view(c, r, -1).sum(1)
+            sizes = torch.full((c, 1), float(r), dtype=h.dtype, device=h.device)
+            sizes[-1, 0] = r - pad
+            out.append(sums / sizes)
+        return out
+
+    def encode_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 16) -> list[torch.Tensor]:
+        """Latents for pre-tokenized passages; differentiable (training calls this)."""
+        w = self.config.encoder_window
+        windows, owner = [], []
+        for p, ids in enumerate(token_ids):
+            if len(ids) == 0:
+                raise InputError(f"passage {p} has no tokens: there is nothing to compress")
+            for start in range(0, len(ids), w):
+                windows.append(list(ids[start : start + w]))
+                owner.append(p)
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))  # less padding per batch
+        pooled: list[torch.Tensor | None] = [None] * len(windows)
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            for i, lat in zip(idx, self._encode_windows([windows[i] for i in idx])):
+                pooled[i] = lat
+        per_passage: list[list[torch.Tensor]] = [[] for _ in token_ids]
+        for i, p in enumerate(owner):
+            per_passage[p].append(pooled[i])
+        return [torch.cat(parts) for parts in per_passage]
+
+    @torch.no_grad()
+    def compress(self, texts: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
+        """Latents (encoder side, before the projector) of each passage, on CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            return [t.cpu() for t in self.encode_ids(self.tokenize(texts), batch_size=batch_size)]
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ identity
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The compressor's own trained tensors (memory embeddings); LoRA is saved by peft."""
+        return {} if self.memory_embeddings is None else {"memory_embeddings": self.memory_embeddings.detach()}
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the stored latents.
+
+        Encoder weights (as used, after truncation and any LoRA), pooling, ratio, window and
+        memory embeddings. Projector and decoder are excluded: retraining them never forces
+        re-ingestion. Cached; call ``reset_fingerprint()`` after training the encoder side.
+        """
+        if self._fingerprint is None:
+            c = self.config
+            parts = {
+                "encoder_weights": tensor_digest(dict(self.encoder.state_dict())),
+                "compressor": tensor_digest(self.trainable_state_dict()),
+                "encoder_layers": len(_transformer_layers(self._base_encoder())),
+                "pooling": c.pooling,
+                "ratio": c.ratio,
+                "encoder_window": c.encoder_window,
+                "tokenizer": type(self.tokenizer).__name__ + str(len(self.tokenizer)),
+            }
+            self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        return self._fingerprint
+
+    def reset_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    def _base_encoder(self) -> nn.Module:
+        return self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+
+    # ------------------------------------------------------------------ persistence
+    def save_trained(self, directory: str | Path) -> None:
+        """Write only the trained encoder-side parts into a checkpoint directory."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
+        if state:
+            save_file(state, str(directory / COMPRESSOR_WEIGHTS))
+        if self.config.encoder_lora:
+            self.encoder.save_pretrained(str(directory / ENCODER_LORA_DIR))
+
+    def load_trained(self, directory: str | Path) -> None:
+        from lclm_rag.checkpoint import load_safetensors, require_file
+
+        directory = Path(directory)
+        if self.memory_embeddings is not None:
+            state = load_safetensors(require_file(directory, COMPRESSOR_WEIGHTS))
+            with torch.no_grad():
+                self.memory_embeddings.copy_(state["memory_embeddings"])
+        if self.config.encoder_lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            lora_file = require_file(directory, f"{ENCODER_LORA_DIR}/adapter_model.safetensors")
+            set_peft_model_state_dict(self.encoder, load_file(str(lora_file)))
+        self.reset_fingerprint()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "LatentCompressor":
+        """Load only the encoder side of a checkpoint (what ingestion needs)."""
+        from lclm_rag.checkpoint import load_config
+
+        config = load_config(directory)
+        compressor = cls(config)
+        compressor.load_trained(directory)
+        return compressor

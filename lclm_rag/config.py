@@ -1,0 +1,113 @@
+"""The one configuration object of a latent-context model, saved as ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lclm_rag.errors import CheckpointError, ConfigError
+from lclm_rag.hub import DEFAULT_LM
+
+CONFIG_NAME = "config.json"
+FORMAT_NAME = "lclm-rag"
+FORMAT_VERSION = 1
+POOLING_MODES = ("mean", "memory")
+BOUNDARY_MODES = ("learned", "tokens")
+
+
+@dataclass
+class LatentConfig:
+    """Every setting that shapes the encoder, projector and decoder.
+
+    Base models are referenced by id or path, never copied into a checkpoint.
+    """
+
+    # --- encoder side: everything here determines the stored latents (see fingerprint) ---
+    encoder: str = DEFAULT_LM  # HF id or local path of the encoder causal LM
+    encoder_layers: int | None = 4  # keep only the first k transformer layers (None: all)
+    pooling: str = "mean"  # "mean": average hidden states per group of `ratio` tokens (LCLM);
+    #                        "memory": append learned memory tokens, take their states (Squid)
+    ratio: int = 4  # tokens per latent vector: n = ceil(T / ratio)
+    encoder_window: int = 512  # tokens per encoder forward (rounded down to a multiple of ratio);
+    #                            longer passages are compressed window by window
+    encoder_causal: bool = True  # causal attention in the encoder (False: bidirectional, as LCLM)
+    encoder_hidden_size: int = 0  # width of a latent vector (filled from the encoder config)
+    encoder_lora: dict[str, Any] | None = None  # peft LoraConfig kwargs if the encoder is adapted
+
+    # --- projector: encoder width -> decoder input-embedding width ---
+    projector_hidden_size: int | None = None  # intermediate width (None: the decoder width)
+    projector_eps: float = 1e-6  # RMSNorm epsilon
+
+    # --- decoder side: can be retrained without re-ingesting anything ---
+    decoder: str = DEFAULT_LM  # HF id or local path of the decoder causal LM
+    decoder_hidden_size: int = 0  # filled from the decoder config
+    boundary: str = "learned"  # "learned": two trained vectors around each passage's latents;
+    #                            "tokens": embeddings of the special tokens below (LCLM)
+    boundary_tokens: tuple[str, str] = ("<|memory_start|>", "<|memory_end|>")
+    decoder_lora: dict[str, Any] | None = None  # peft LoraConfig kwargs if the decoder is adapted
+    qa_instruction: str = "Answer the question using the context. Reply with a short answer only."
+
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (training run, ...)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio <= 0:
+            raise ConfigError(f"ratio must be a positive integer (tokens per latent), got {self.ratio!r}")
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.boundary not in BOUNDARY_MODES:
+            raise ConfigError(f"boundary must be one of {BOUNDARY_MODES}, got {self.boundary!r}")
+        if self.encoder_layers is not None and (not isinstance(self.encoder_layers, int) or self.encoder_layers <= 0):
+            raise ConfigError(f"encoder_layers must be a positive integer or None, got {self.encoder_layers!r}")
+        if not isinstance(self.encoder_window, int) or self.encoder_window < self.ratio:
+            raise ConfigError(f"encoder_window ({self.encoder_window!r}) must be an integer >= ratio ({self.ratio})")
+        # windows hold whole groups of `ratio` tokens: round down (512 -> 510 for ratio 3)
+        self.encoder_window -= self.encoder_window % self.ratio
+        self.boundary_tokens = tuple(self.boundary_tokens)
+
+    @property
+    def max_memory_tokens(self) -> int:
+        """Latents per encoder window (memory pooling learns one embedding per slot)."""
+        return math.ceil(self.encoder_window / self.ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["boundary_tokens"] = list(self.boundary_tokens)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LatentConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; this lclm-rag knows {sorted(known)}")
+        if d.get("format", FORMAT_NAME) != FORMAT_NAME:
+            raise ConfigError(f"config format {d.get('format')!r} is not {FORMAT_NAME!r}")
+        return cls(**d)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LatentConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not Path(directory).is_dir():
+            raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {str(directory)!r} has no {CONFIG_NAME}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc

@@ -1,0 +1,267 @@
+"""The decoder side: a causal LM that reads passages given as latents (or raw text) in its prompt.
+
+A prompt is the decoder's own chat template with one slot per passage. A slot holds either the
+passage's encoder-side latents, projected here into the decoder's input-embedding space and put
+between two boundary embeddings, or the passage's raw text (an *expanded* passage). The whole
+prompt goes to ``generate(inputs_embeds=...)``, which uses the KV cache as usual.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lclm_rag.config import LatentConfig
+from lclm_rag.errors import ConfigError, InputError
+from lclm_rag.hub import resolve_model
+from lclm_rag.projector import Projector
+
+PROJECTOR_WEIGHTS = "projector.safetensors"
+DECODER_WEIGHTS = "decoder.safetensors"
+DECODER_LORA_DIR = "decoder_lora"
+
+Slot = torch.Tensor | str  # latents (n, encoder_hidden) or the passage's raw text
+_SENTINEL = "\u2063SLOT{}\u2063"
+
+
+def slot_marker(index: int) -> str:
+    """Placeholder for passage ``index`` inside a user message given to ``LatentDecoder.segments``."""
+    return _SENTINEL.format(index)
+
+
+_SENTINEL_RE = re.compile("\u2063SLOT(\\d+)\u2063")
+
+
+@dataclass
+class Segment:
+    """A run of the prompt: token ids, or one passage's latents (encoder side)."""
+
+    token_ids: list[int] | None = None
+    latents: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else self.latents.shape[0] + 2
+
+
+class LatentDecoder(nn.Module):
+    def __init__(self, config: LatentConfig, model: nn.Module | None = None, tokenizer=None) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        path = None if model is not None and tokenizer is not None else resolve_model(config.decoder)
+        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        if config.decoder_hidden_size and config.decoder_hidden_size != hidden:
+            raise ConfigError(
+                f"config says decoder_hidden_size={config.decoder_hidden_size} but {config.decoder!r} has {hidden}"
+            )
+        config.decoder_hidden_size = hidden
+        if not config.encoder_hidden_size:
+            raise ConfigError("encoder_hidden_size is unknown: build the compressor first (it reads it from the encoder)")
+        self.projector = Projector(config.encoder_hidden_size, hidden, config.projector_hidden_size, config.projector_eps)
+        embed = self.model.get_input_embeddings().weight.detach()
+        with torch.no_grad():  # start the projector's output at the scale of real token embeddings
+            self.projector.fc2.weight.mul_(embed.std() / (self.projector.fc2.weight.std() * (hidden**0.5) + 1e-12))
+        if config.boundary == "learned":
+            init = embed.mean(0, keepdim=True).repeat(2, 1) + 0.02 * embed.std() * torch.randn(2, hidden)
+            self.boundary = nn.Parameter(init)
+            self.boundary_ids = None
+        else:
+            self.boundary = None
+            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in config.boundary_tokens]
+            unk = self.tokenizer.unk_token_id
+            missing = [t for t, i in zip(config.boundary_tokens, ids) if i is None or (i == unk and t != self.tokenizer.unk_token)]
+            if missing:
+                raise ConfigError(f"boundary tokens {missing} are not in the decoder tokenizer of {config.decoder!r}")
+            self.boundary_ids = ids
+        if config.decoder_lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(**config.decoder_lora))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # ------------------------------------------------------------------ prompt building
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def qa_user_message(self, question: str, num_slots: int) -> str:
+        """The user turn for a question over ``num_slots`` passages (slot sentinels inline)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        parts = [self.config.qa_instruction, ""]
+        if num_slots:
+            parts.append("Context:")
+            parts.extend(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
+            parts.append("")
+        parts.append(f"Question: {question.strip()}")
+        return "\n".join(parts)
+
+    def segments(self, user_message: str, slots: Sequence[Slot]) -> list[Segment]:
+        """Render the chat template (with the generation prompt) and cut it at the slot sentinels."""
+        messages = [{"role": "user", "content": user_message}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out: list[Segment] = []
+        pos = 0
+        for match in _SENTINEL_RE.finditer(text):
+            out.append(Segment(token_ids=self._ids(text[pos : match.start()])))
+            slot = slots[int(match.group(1))]
+            if isinstance(slot, str):
+                if not slot.strip():
+                    raise InputError(f"passage {int(match.group(1))} is empty")
+                out.append(Segment(token_ids=self._ids(slot)))
+            elif isinstance(slot, torch.Tensor):
+                if slot.ndim != 2 or slot.shape[0] == 0:
+                    raise InputError(f"passage {int(match.group(1))} latents must be (n>0, width), got {tuple(slot.shape)}")
+                out.append(Segment(latents=slot))
+            else:
+                raise InputError(f"passage {int(match.group(1))} is {type(slot).__name__}: give latents (a tensor) or text")
+            pos = match.end()
+        out.append(Segment(token_ids=self._ids(text[pos:])))
+        return [s for s in out if s.token_ids is None or s.token_ids]
+
+    def qa_segments(self, question: str, slots: Sequence[Slot]) -> list[Segment]:
+        return self.segments(self.qa_user_message(question, len(slots)), slots)
+
+    def embed(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """(positions, hidden) input embeddings of one prompt."""
+        table = self.model.get_input_embeddings()
+        dev = self.device
+        parts = []
+        for seg in segments:
+            if seg.token_ids is not None:
+                parts.append(table(torch.tensor(seg.token_ids, device=dev)))
+                continue
+            projected = self.projector(seg.latents.to(dev, self.projector.fc1.weight.dtype)).to(table.weight.dtype)
+            if self.boundary is not None:
+                start, end = self.boundary[0:1], self.boundary[1:2]
+            else:
+                start, end = table(torch.tensor(self.boundary_ids, device=dev)).split(1)
+            parts.extend([start.to(projected.dtype), projected, end.to(projected.dtype)])
+        return torch.cat(parts)
+
+    def pad_batch(self, prompts: Sequence[torch.Tensor], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack (L_i, H) prompts into (B, L, H) with an attention mask; left padding for generation."""
+        width = max(p.shape[0] for p in prompts)
+        hidden = prompts[0].shape[1]
+        embeds = prompts[0].new_zeros(len(prompts), width, hidden)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=prompts[0].device)
+        for i, p in enumerate(prompts):
+            if side == "left":
+                embeds[i, width - p.shape[0] :], mask[i, width - p.shape[0] :] = p, 1
+            else:
+                embeds[i, : p.shape[0]], mask[i, : p.shape[0]] = p, 1
+        return embeds, mask
+
+    # ------------------------------------------------------------------ generation
+    def _generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:  # silence "temperature is set but do_sample=False" from a model's generation_config
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    @torch.no_grad()
+    def generate_from_segments(
+        self,
+        prompts: Sequence[Sequence[Segment]],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        streamer=None,
+    ) -> list[str]:
+        """Decode a batch of prompts; returns only the new text of each."""
+        embeds, mask = self.pad_batch([self.embed(p) for p in prompts])
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            streamer=streamer,
+            **self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p),
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def stream_from_segments(self, segments: Sequence[Segment], **kwargs) -> Iterator[str]:
+        """Yield text pieces as they are generated (TextIteratorStreamer in a worker thread)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate_from_segments([segments], streamer=streamer, **kwargs)
+            except BaseException as exc:  # surface worker errors in the caller
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def forward_logits(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """Logits of one prompt (teacher forcing, tests and evaluation)."""
+        embeds = self.embed(segments).unsqueeze(0)
+        return self.model(inputs_embeds=embeds).logits[0]
+
+    # ------------------------------------------------------------------ persistence
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"projector.{k}": v.detach() for k, v in self.projector.state_dict().items()}
+        if self.boundary is not None:
+            state["boundary"] = self.boundary.detach()
+        return state
+
+    def save_trained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, str(directory / PROJECTOR_WEIGHTS))
+        if self.boundary is not None:
+            save_file({"boundary": self.boundary.detach().contiguous()}, str(directory / DECODER_WEIGHTS))
+        if self.config.decoder_lora:
+            self.model.save_pretrained(str(directory / DECODER_LORA_DIR))
+
+    def load_trained(self, directory: str | Path, projector_file: str = PROJECTOR_WEIGHTS) -> None:
+        from lclm_rag.checkpoint import load_safetensors, require_file
+
+        directory = Path(directory)
+        state = load_safetensors(require_file(directory, projector_file))
+        expected = self.projector.state_dict()
+        for key, value in state.items():
+            if key in expected and expected[key].shape != value.shape:
+                raise ConfigError(
+                    f"{projector_file}: {key} has shape {tuple(value.shape)} but this encoder/decoder pair needs "
+                    f"{tuple(expected[key].shape)} (projector {self.projector.in_features} -> {self.projector.out_features})"
+                )
+        self.projector.load_state_dict(state, strict=True)
+        if self.boundary is not None:
+            with torch.no_grad():
+                self.boundary.copy_(load_safetensors(require_file(directory, DECODER_WEIGHTS))["boundary"])
+        if self.config.decoder_lora:
+            from peft import set_peft_model_state_dict
+
+            lora = load_safetensors(require_file(directory, f"{DECODER_LORA_DIR}/adapter_model.safetensors"))
+            set_peft_model_state_dict(self.model, lora)

@@ -1,0 +1,80 @@
+"""LatentContextModel: compressor (encoder side) + projector and decoder (decoder side)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lclm_rag.checkpoint import LCLM_ADAPTER, is_lclm_layout, load_config, resolve_checkpoint
+from lclm_rag.compressor import LatentCompressor
+from lclm_rag.config import LatentConfig
+from lclm_rag.decoder import LatentDecoder, Segment, Slot
+
+DEFAULT_CHECKPOINT = "smollm2-135m-r4"
+
+
+class LatentContextModel(nn.Module):
+    """Compress passages, then answer questions from their latents (and optional raw text)."""
+
+    def __init__(self, config: LatentConfig, compressor: LatentCompressor | None = None, decoder: LatentDecoder | None = None):
+        super().__init__()
+        self.config = config
+        self.compressor = compressor if compressor is not None else LatentCompressor(config)
+        self.decoder = decoder if decoder is not None else LatentDecoder(config)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: LatentConfig) -> "LatentContextModel":
+        """Fresh trainable parts (random projector) on top of the referenced base models."""
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT) -> "LatentContextModel":
+        """Load a checkpoint directory (ours or LCLM's layout) or a packaged checkpoint by name."""
+        directory = resolve_checkpoint(name_or_path)
+        config = load_config(directory)
+        model = cls(config)
+        if is_lclm_layout(directory):
+            model.decoder.load_trained(directory, projector_file=LCLM_ADAPTER)
+        else:
+            model.compressor.load_trained(directory)
+            model.decoder.load_trained(directory)
+        model.eval()
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json and the trained parts only; base weights stay referenced."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        self.compressor.save_trained(directory)
+        self.decoder.save_trained(directory)
+        return directory
+
+    def fingerprint(self) -> str:
+        return self.compressor.fingerprint()
+
+    # ------------------------------------------------------------------ use
+    def compress(self, texts: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
+        return self.compressor.compress(texts, batch_size=batch_size)
+
+    def answer(self, questions: str | Sequence[str], contexts: Sequence[Slot] | Sequence[Sequence[Slot]] = (), **gen) -> str | list[str]:
+        """Answer one question (``contexts`` = its slots) or a batch (``contexts`` = slots per question).
+
+        A slot is a latent tensor from ``compress`` or a passage's raw text (expanded).
+        """
+        single = isinstance(questions, str)
+        qs = [questions] if single else list(questions)
+        ctxs = [list(contexts)] if single else [list(c) for c in contexts] if contexts else [[] for _ in qs]
+        prompts = [self.decoder.qa_segments(q, c) for q, c in zip(qs, ctxs, strict=True)]
+        answers = self.decoder.generate_from_segments(prompts, **gen)
+        return answers[0] if single else answers
+
+    def stream(self, question: str, slots: Sequence[Slot] = (), **gen) -> Iterator[str]:
+        return self.decoder.stream_from_segments(self.decoder.qa_segments(question, slots), **gen)
+
+    def prompt_positions(self, segments: Sequence[Segment]) -> int:
+        return sum(s.positions for s in segments)

@@ -1,0 +1,408 @@
+"""Training: restoration -> continuation -> instruction (QA) tuning, resumable, one CPU or many GPUs.
+
+Stages (Squid; LCLM; PISCO): the decoder learns to read latents by rebuilding the passage from
+them (restoration), continuing it (continuation), then answering questions over several
+passages given as latents, loss on the answer only (qa). Which parts train is set per stage.
+Devices, mixed precision and DDP come from ``accelerate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lclm_rag.chunking import chunk_text
+from lclm_rag.config import LatentConfig
+from lclm_rag.decoder import slot_marker
+from lclm_rag.errors import ConfigError
+from lclm_rag.eval import evaluate_gold_passage, load_jsonl, restoration_accuracy, sample_records
+from lclm_rag.model import LatentContextModel
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("restoration", "continuation", "qa")
+PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory")
+RESTORE_PROMPT = "Repeat the text above word for word."
+CONTINUE_PROMPT = "Continue the text above."
+
+
+@dataclass
+class StageConfig:
+    name: str  # "restoration" | "continuation" | "qa"
+    steps: int  # optimizer steps in this stage
+    lr: float = 5e-4  # peak learning rate (linear warmup, cosine decay to 10%)
+    train: list[str] = field(default_factory=lambda: ["projector", "boundary", "decoder_lora"])  # parts to train
+    distractors: int = 2  # qa: random other passages beside the gold one (shuffled)
+    mix_restoration: float = 0.0  # qa/continuation: share of restoration examples mixed in
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGES:
+            raise ConfigError(f"stage name must be one of {STAGES}, got {self.name!r}")
+        unknown = set(self.train) - set(PARTS)
+        if unknown:
+            raise ConfigError(f"stage {self.name}: unknown parts {sorted(unknown)} (known: {PARTS})")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str  # checkpoints, log.jsonl, curves.png, final/
+    stages: list[StageConfig]
+    model: dict[str, Any] = field(default_factory=dict)  # LatentConfig fields for a fresh model
+    init_from: str | None = None  # or start from this checkpoint
+    corpus: list[str] = field(default_factory=list)  # JSONL {"text"} files for restoration/continuation
+    qa_data: list[str] = field(default_factory=list)  # JSONL {"context","question","answers"} for qa
+    chunk_tokens: int = 64  # passage length for restoration/continuation
+    batch_size: int = 8  # examples per process per step
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 50  # steps between resumable checkpoints
+    eval_every: int = 100  # steps between restoration evaluations
+    eval_passages: int = 32  # held-out passages for restoration accuracy
+    qa_eval_file: str | None = None  # squad_dev.jsonl: evaluation only, never trained on
+    qa_eval_samples: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" on CPU (fp32); "bf16" on GPUs
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["stages"] = [StageConfig(**s) for s in d.get("stages", [])]
+        if not d["stages"]:
+            raise ConfigError("a training config needs at least one stage")
+        for path in d.get("qa_data", []):
+            if Path(path).name == "squad_dev.jsonl":
+                raise ConfigError("squad_dev.jsonl is for evaluation only: remove it from qa_data")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------- examples
+@dataclass
+class Example:
+    passages: list[str]  # compressed into latents, one slot each
+    user_message: str  # with slot_marker(i) placeholders
+    target: str  # what the decoder must produce (loss only here)
+
+
+def restoration_example(passage: str) -> Example:
+    return Example([passage], f"{slot_marker(0)}\n\n{RESTORE_PROMPT}", passage)
+
+
+def continuation_example(first: str, second: str) -> Example:
+    return Example([first], f"{slot_marker(0)}\n\n{CONTINUE_PROMPT}", second)
+
+
+def qa_example(model: LatentContextModel, record: dict, pool: list[str], distractors: int, rng: random.Random) -> Example:
+    passages = [record["context"]] + rng.sample(pool, distractors)
+    rng.shuffle(passages)
+    return Example(passages, model.decoder.qa_user_message(record["question"], len(passages)), record["answers"][0])
+
+
+def teacher_forced_batch(model: LatentContextModel, examples: list[Example], latents: list[torch.Tensor]):
+    """Loss (mean over examples of the per-token loss on the target), correct and total tokens."""
+    decoder = model.decoder
+    eos = decoder.tokenizer.eos_token_id
+    prompts, labels = [], []
+    cursor = 0
+    for ex in examples:
+        slots = latents[cursor : cursor + len(ex.passages)]
+        cursor += len(ex.passages)
+        prompt = decoder.embed(decoder.segments(ex.user_message, slots))
+        target = decoder._ids(ex.target) + [eos]
+        tgt = torch.tensor(target, device=prompt.device)
+        prompts.append(torch.cat([prompt, decoder.model.get_input_embeddings()(tgt).to(prompt.dtype)]))
+        labels.append(torch.cat([torch.full((prompt.shape[0],), -100, device=prompt.device), tgt]))
+    embeds, mask = decoder.pad_batch(prompts, side="right")
+    label_batch = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+    for i, lab in enumerate(labels):
+        label_batch[i, : lab.shape[0]] = lab
+    logits = decoder.model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+    gold = label_batch[:, 1:]
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none")
+    valid = gold != -100
+    per_example = (token_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
+    correct = ((logits.argmax(-1) == gold) & valid).sum().item()
+    return per_example.mean(), correct, valid.sum().item()
+
+
+class TrainingModule(nn.Module):
+    """Wraps the model so DDP sees one forward: examples -> loss."""
+
+    def __init__(self, model: LatentContextModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, examples: list[Example], encoder_trainable: bool):
+        compressor = self.model.compressor
+        ids = compressor.tokenize([p for ex in examples for p in ex.passages])
+        with torch.set_grad_enabled(encoder_trainable and torch.is_grad_enabled()):
+            latents = compressor.encode_ids(ids)
+        return teacher_forced_batch(self.model, examples, latents)
+
+
+def set_trainable(model: LatentContextModel, parts: list[str]) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the named parts; returns the trainable parameters."""
+    model.requires_grad_(False)
+    dec, comp = model.decoder, model.compressor
+    for part in parts:
+        if part == "projector":
+            dec.projector.requires_grad_(True)
+        elif part == "boundary" and dec.boundary is not None:
+            dec.boundary.requires_grad_(True)
+        elif part == "memory" and comp.memory_embeddings is not None:
+            comp.memory_embeddings.requires_grad_(True)
+        elif part == "encoder":
+            comp.encoder.requires_grad_(True)
+        elif part in ("decoder_lora", "encoder_lora"):
+            module = dec.model if part == "decoder_lora" else comp.encoder
+            if not getattr(model.config, part):
+                raise ConfigError(f"stage trains {part} but the model config has no {part} settings")
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------- data
+class ExampleSource:
+    """Deterministic example streams per stage; position = examples consumed (for resume)."""
+
+    def __init__(self, cfg: TrainConfig, model: LatentContextModel) -> None:
+        self.cfg, self.model = cfg, model
+        tok = model.compressor.tokenizer
+        docs = [r for path in cfg.corpus for r in load_jsonl(path)]
+        random.Random(cfg.seed).shuffle(docs)
+        held_out = max(1, len(docs) // 100) if docs else 0
+        self.eval_docs, train_docs = docs[:held_out], docs[held_out:]
+        self.chunks: list[str] = []
+        self.pairs: list[tuple[str, str]] = []
+        for doc in train_docs:
+            pieces = [c.text for c in chunk_text(doc["text"], tok, cfg.chunk_tokens)]
+            self.chunks.extend(pieces)
+            self.pairs.extend(zip(pieces, pieces[1:]))
+        self.eval_chunks = [c.text for d in self.eval_docs for c in chunk_text(d["text"], tok, cfg.chunk_tokens)][
+            : cfg.eval_passages
+        ]
+        self.qa = [r for path in cfg.qa_data for r in load_jsonl(path) if r.get("answers")]
+        self.qa_pool = sorted({r["context"] for r in self.qa})
+
+    def example(self, stage_index: int, stage: StageConfig, position: int) -> Example:
+        rng = random.Random(f"{self.cfg.seed}-{stage_index}-{position}")
+        if stage.name != "restoration" and rng.random() < stage.mix_restoration:
+            return restoration_example(rng.choice(self._need(self.chunks, "corpus")))
+        if stage.name == "restoration":
+            return restoration_example(self._need(self.chunks, "corpus")[rng.randrange(len(self.chunks))])
+        if stage.name == "continuation":
+            return continuation_example(*self._need(self.pairs, "corpus")[rng.randrange(len(self.pairs))])
+        record = self._need(self.qa, "qa_data")[rng.randrange(len(self.qa))]
+        pool = [c for c in rng.sample(self.qa_pool, min(len(self.qa_pool), stage.distractors + 1)) if c != record["context"]]
+        return qa_example(self.model, record, pool, min(stage.distractors, len(pool)), rng)
+
+    @staticmethod
+    def _need(items: list, what: str) -> list:
+        if not items:
+            raise ConfigError(f"this stage needs training data: `{what}` is empty")
+        return items
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _save_checkpoint(out: Path, model: LatentContextModel, optimizer, scheduler, state: dict) -> None:
+    tmp = out / "checkpoint.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = out / "checkpoint"
+    old = out / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # a kill at any point leaves checkpoint/ or checkpoint.old/ whole
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out / name / "state.json").exists():
+            return out / name
+    return None
+
+
+def _scheduler(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
+    """Run (or resume) all stages; returns the directory of the final checkpoint.
+
+    ``max_steps`` stops after that many optimizer steps in this call (tests, time-boxed runs).
+    """
+    from accelerate import Accelerator
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    resume = _latest_checkpoint(out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if resume is not None:
+        model = LatentContextModel.from_pretrained(resume / "model")
+        state = json.loads((resume / "state.json").read_text())
+    else:
+        model = LatentContextModel.from_pretrained(cfg.init_from) if cfg.init_from else LatentContextModel.from_config(LatentConfig(**cfg.model))
+        state = {"stage": 0, "step": 0, "global_step": 0, "elapsed": 0.0}
+    source = ExampleSource(cfg, model)
+    wrapper = TrainingModule(model)
+    log_path = out / "log.jsonl"
+    steps_this_call = 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    for stage_index in range(state["stage"], len(cfg.stages)):
+        stage = cfg.stages[stage_index]
+        params = set_trainable(model, stage.train)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+        scheduler = _scheduler(optimizer, cfg.warmup_steps, stage.steps)
+        ddp_model, optimizer = accelerator.prepare(wrapper, optimizer)
+        if resume is not None and state["stage"] == stage_index and state["step"] > 0:
+            saved = torch.load(resume / "trainer.pt", weights_only=False)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            _set_rng_state(saved["rng"])
+        encoder_trainable = any(p in stage.train for p in ("encoder", "encoder_lora", "memory"))
+        model.train()
+        t0 = time.perf_counter()
+        while state["step"] < stage.steps:
+            if max_steps is not None and steps_this_call >= max_steps:
+                return out
+            step = state["step"]
+            base = step * cfg.batch_size * world + rank * cfg.batch_size
+            examples = [source.example(stage_index, stage, base + i) for i in range(cfg.batch_size)]
+            loss, correct, total = ddp_model(examples, encoder_trainable)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state["step"] += 1
+            state["global_step"] += 1
+            steps_this_call += 1
+            if accelerator.is_main_process:
+                now = time.perf_counter()
+                state["elapsed"] += now - t0
+                t0 = now
+                record = {
+                    "type": "train", "stage": stage.name, "step": state["step"], "global_step": state["global_step"],
+                    "loss": round(loss.item(), 5), "token_acc": round(correct / max(total, 1), 5),
+                    "lr": scheduler.get_last_lr()[0], "samples": state["global_step"] * cfg.batch_size * world,
+                    "elapsed_s": round(state["elapsed"], 1),
+                }
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if state["step"] % cfg.eval_every == 0 or state["step"] == stage.steps:
+                    _evaluate(model, source, cfg, state, log_path, qa=state["step"] == stage.steps)
+                    model.train()
+                if state["step"] % cfg.save_every == 0 or state["step"] == stage.steps:
+                    done = state["step"] == stage.steps  # a finished stage resumes at the next one
+                    snapshot = dict(state, stage=stage_index + 1, step=0) if done else dict(state)
+                    _save_checkpoint(out, model, optimizer, scheduler, snapshot)
+            accelerator.wait_for_everyone()
+        state.update(stage=stage_index + 1, step=0)
+        resume = None
+    if accelerator.is_main_process:
+        model.eval()
+        model.save_pretrained(out / "final")
+        plot_curves(log_path, out / "curves.png")
+    return out / "final"
+
+
+@torch.no_grad()
+def _evaluate(model: LatentContextModel, source: ExampleSource, cfg: TrainConfig, state: dict, log_path: Path, qa: bool) -> None:
+    model.eval()
+    record = {"type": "eval", "global_step": state["global_step"], "elapsed_s": round(state["elapsed"], 1)}
+    if source.eval_chunks:
+        record["restoration_acc"] = round(restoration_accuracy(model, source.eval_chunks), 4)
+        record["restoration_acc_control"] = round(restoration_accuracy(model, source.eval_chunks, control=True), 4)
+    if qa and cfg.qa_eval_file:
+        records = sample_records(cfg.qa_eval_file, cfg.qa_eval_samples, seed=cfg.seed)
+        scores, _ = evaluate_gold_passage(model, records, "latent")
+        record.update({f"qa_{k}": v for k, v in scores.as_dict().items() if k != "mode"})
+    logger.info("eval %s", record)
+    with log_path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def plot_curves(log_path: str | Path, png_path: str | Path) -> None:
+    """Training loss / token accuracy and held-out restoration accuracy (with its control)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = load_jsonl(log_path)
+    train_rows = [r for r in rows if r["type"] == "train"]
+    eval_rows = [r for r in rows if r["type"] == "eval" and "restoration_acc" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if train_rows:
+        x = [r["samples"] for r in train_rows]
+        k = max(1, len(train_rows) // 50)
+        smooth = np.convolve([r["loss"] for r in train_rows], np.ones(k) / k, mode="same")
+        axes[0].plot(x, smooth, label="train loss (smoothed)")
+        axes[0].set_xlabel("training samples")
+        axes[0].legend()
+    if eval_rows:
+        x = [r["global_step"] for r in eval_rows]
+        axes[1].plot(x, [r["restoration_acc"] for r in eval_rows], "o-", label="restoration acc (own latents)")
+        axes[1].plot(x, [r["restoration_acc_control"] for r in eval_rows], "x--", label="control (another passage's latents)")
+        axes[1].set_xlabel("step")
+        axes[1].set_ylim(0, 1)
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+def main_from_config(path: str, max_steps: int | None = None) -> Path:
+    logging.basicConfig(level=os.environ.get("LCLM_RAG_LOG", "INFO"))
+    return train(TrainConfig.load(path), max_steps=max_steps)

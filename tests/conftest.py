@@ -1,0 +1,77 @@
+"""Shared fixtures: real small models, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> str:
+    from lclm_rag.hub import DEFAULT_LM, resolve_model
+
+    return resolve_model(DEFAULT_LM)
+
+
+@pytest.fixture(scope="session")
+def encoder_parts(smol_path):
+    """A 4-layer SmolLM2 encoder and its tokenizer, shared by compressors of any ratio/pooling."""
+    from transformers import AutoTokenizer
+
+    from lclm_rag.compressor import load_encoder
+
+    return load_encoder(smol_path, 4), AutoTokenizer.from_pretrained(smol_path)
+
+
+@pytest.fixture(scope="session")
+def decoder_parts(smol_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smol_path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smol_path)
+
+
+@pytest.fixture(scope="session")
+def make_compressor(encoder_parts):
+    from lclm_rag.compressor import LatentCompressor
+    from lclm_rag.config import LatentConfig
+
+    encoder, tokenizer = encoder_parts
+
+    def make(**overrides) -> LatentCompressor:
+        overrides.setdefault("encoder_layers", 4)
+        return LatentCompressor(LatentConfig(**overrides), encoder=encoder, tokenizer=tokenizer).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def model(make_compressor, decoder_parts):
+    """An untrained (random projector) SmolLM2 latent model at ratio 4: shapes and plumbing."""
+    from lclm_rag.decoder import LatentDecoder
+    from lclm_rag.model import LatentContextModel
+
+    torch.manual_seed(0)
+    compressor = make_compressor(ratio=4)
+    decoder = LatentDecoder(compressor.config, model=decoder_parts[0], tokenizer=decoder_parts[1])
+    return LatentContextModel(compressor.config, compressor=compressor, decoder=decoder).eval()
+
+
+PASSAGES = [
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+    "It is named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.",
+    "Paris is the capital of France.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose "
+    "and oxygen. It takes place mainly in the chloroplasts of leaf cells, where chlorophyll absorbs light.",
+    "Mount Everest, at 8,849 metres, is Earth's highest mountain above sea level.",
+]
+
+
+@pytest.fixture(scope="session")
+def passages() -> list[str]:
+    return list(PASSAGES)

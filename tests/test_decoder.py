@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from lclm_rag.config import LatentConfig
+from lclm_rag.decoder import LatentDecoder
+from lclm_rag.errors import ConfigError, InputError
+
+
+def test_text_slots_generate_exactly_like_input_ids(model, passages):
+    dec = model.decoder
+    segments = dec.qa_segments("Who designed the tower?", passages[:2])
+    ids = [t for s in segments for t in s.token_ids]
+    # the segments are the chat template's own tokenization of the whole prompt
+    whole = dec.tokenizer.apply_chat_template(
+        [{"role": "user", "content": dec.qa_user_message("Who designed the tower?", 0).replace("Question", "Context:\n[1] " + passages[0] + "\n[2] " + passages[1] + "\n\nQuestion")}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert dec.tokenizer.decode(ids) == whole
+    with torch.no_grad():
+        ref = dec.model.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            **dec._generate_kwargs(24, False, 0.7, 0.9),
+        )[0, len(ids):]
+    expected = dec.tokenizer.decode(ref, skip_special_tokens=True).strip()
+    assert dec.generate_from_segments([segments], max_new_tokens=24) == [expected]
+    assert len(expected) > 0
+
+
+def test_latent_slot_occupies_n_plus_two_positions(model, passages):
+    latents = model.compress(passages[:2])
+    segments = model.decoder.qa_segments("What is the capital?", latents)
+    latent_segments = [s for s in segments if s.latents is not None]
+    assert [s.positions for s in latent_segments] == [latents[0].shape[0] + 2, latents[1].shape[0] + 2]
+    embeds = model.decoder.embed(segments)
+    assert embeds.shape == (model.prompt_positions(segments), model.config.decoder_hidden_size)
+
+
+def test_batch_matches_single_and_stream_matches_generate(model, passages):
+    latents = model.compress(passages[:2])
+    questions = ["Who designed the tower?", "What is the capital of France?"]
+    contexts = [[latents[0], passages[2]], [passages[1]]]
+    batch = model.answer(questions, contexts, max_new_tokens=16)
+    singles = [model.answer(q, c, max_new_tokens=16) for q, c in zip(questions, contexts)]
+    assert batch == singles
+    streamed = "".join(model.stream(questions[1], contexts[1], max_new_tokens=16)).strip()
+    assert streamed == singles[1]
+
+
+def test_sampling_runs(model, passages):
+    torch.manual_seed(0)
+    out = model.answer("Where is the tower?", [passages[0]], max_new_tokens=8, do_sample=True, temperature=0.8)
+    assert isinstance(out, str)
+
+
+def test_errors(model, decoder_parts):
+    with pytest.raises(InputError, match="question is empty"):
+        model.answer("  ", [])
+    with pytest.raises(ConfigError, match="width 100 but the projector expects 576"):
+        model.answer("q?", [torch.zeros(3, 100)])
+    with pytest.raises(InputError, match="give latents"):
+        model.answer("q?", [42])
+    cfg = LatentConfig(boundary="tokens", encoder_hidden_size=576)
+    with pytest.raises(ConfigError, match="not in the decoder tokenizer"):
+        LatentDecoder(cfg, model=decoder_parts[0], tokenizer=decoder_parts[1])
+    cfg = LatentConfig(encoder_hidden_size=576, decoder_hidden_size=1024)
+    with pytest.raises(ConfigError, match="decoder_hidden_size=1024"):
+        LatentDecoder(cfg, model=decoder_parts[0], tokenizer=decoder_parts[1])
