@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
 from lclm_rag.errors import LclmRagError
+from lclm_rag.hub import DEFAULT_EMBEDDER
 
 SAMPLE_PASSAGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
@@ -49,6 +51,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", required=True, help="collection name")
+    p.add_argument("--path", help="embedded store directory (default: $LCLM_RAG_HOME/collections/NAME)")
+    p.add_argument("--qdrant-url", help="Qdrant server or cluster URL (gRPC preferred)")
+    p.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"), help="Qdrant API key (or $QDRANT_API_KEY)")
+    p.add_argument("--backend", choices=["auto", "edge", "qdrant"], default="auto",
+                   help="edge: Qdrant engine in-process (default); qdrant: qdrant-client (local path or :memory:)")
+
+
+def open_store(args: argparse.Namespace):
+    from lclm_rag.store import LatentStore
+
+    return LatentStore.open(args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend)
+
+
+def load_compressor(checkpoint: str | None):
+    """Only the encoder side: what ingestion needs."""
+    from lclm_rag.checkpoint import packaged_checkpoints
+    from lclm_rag.compressor import LatentCompressor
+    from lclm_rag.config import LatentConfig
+    from lclm_rag.model import DEFAULT_CHECKPOINT
+
+    if checkpoint or DEFAULT_CHECKPOINT in packaged_checkpoints():
+        return LatentCompressor.from_pretrained(checkpoint or DEFAULT_CHECKPOINT).eval()
+    return LatentCompressor(LatentConfig()).eval()
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.ingest.pipeline import Ingestor, parse_shard
+
+    shard = parse_shard(args.shard)
+    with open_store(args) as store:
+        ingestor = Ingestor(
+            store, load_compressor(args.checkpoint), Embedder(args.embedder), chunk_tokens=args.chunk_tokens,
+            overlap=args.overlap, batch_size=args.batch_size, shard_number=args.shard_number,
+            replication_factor=args.replication_factor,
+        )
+        report = ingestor.ingest_paths(args.paths, prune=args.prune, strict=args.strict, shard=shard,
+                                       text_field=args.text_field, progress=not args.no_progress)
+    for failure in report.failed:
+        print(f"failed: {failure.source}: {failure.reason}", file=sys.stderr)
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lclm_rag.train import main_from_config
 
@@ -75,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=SAMPLE_QUESTION)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ingest", help="chunk, embed, compress and store files (txt, md, html, pdf, json, jsonl)")
+    p.add_argument("paths", nargs="+", help="files or directories")
+    add_store_args(p)
+    p.add_argument("--checkpoint", help="compressor checkpoint (default: the packaged one)")
+    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id or path")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="chunk length in encoder tokens")
+    p.add_argument("--overlap", type=int, default=16, help="tokens shared by consecutive chunks")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--text-field", default="text", help="text field of JSON/JSONL records")
+    p.add_argument("--prune", action="store_true", help="delete stored documents that are no longer in the input")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad file")
+    p.add_argument("--shard", help="i/n: this worker ingests its share of the documents")
+    p.add_argument("--shard-number", type=int, help="shards when creating a collection on a cluster")
+    p.add_argument("--replication-factor", type=int, help="replicas when creating a collection on a cluster")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
     p.add_argument("--config", required=True, help="JSON or YAML training config")

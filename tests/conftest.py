@@ -75,3 +75,23 @@ PASSAGES = [
 @pytest.fixture(scope="session")
 def passages() -> list[str]:
     return list(PASSAGES)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from lclm_rag.embedding import Embedder
+
+    return Embedder()
+
+
+BACKENDS = ["edge", "qdrant-memory", "qdrant-path"]
+
+
+def open_test_store(kind: str, tmp_path, name: str = "test"):
+    from lclm_rag.store import LatentStore
+
+    if kind == "edge":
+        return LatentStore.open(name, path=tmp_path / "edge" / name)
+    if kind == "qdrant-memory":
+        return LatentStore.open(name, location=":memory:")
+    return LatentStore.open(name, path=tmp_path / "qdrant-local", backend="qdrant")

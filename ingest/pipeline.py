@@ -1,0 +1,270 @@
+"""Ingestion: files or LlamaIndex nodes -> chunks -> (embedding, latents) -> one Qdrant point each.
+
+Safe to re-run: point ids are deterministic (document id + chunk index + content hash), so an
+unchanged chunk is found and skipped, a changed document gets its new chunks written first and
+its old ones deleted after, and a run killed at any point converges to every passage stored
+exactly once when run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lclm_rag.chunking import chunk_text
+from lclm_rag.compressor import LatentCompressor
+from lclm_rag.embedding import Embedder
+from lclm_rag.errors import InputError, LclmRagError
+from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, point_id
+
+logger = logging.getLogger(__name__)
+
+TEXT_EXTENSIONS = {".txt", ".md", ".markdown", ".html", ".htm", ".rst", ".csv", ".xml"}
+RECORD_EXTENSIONS = {".jsonl", ".json"}
+
+
+@dataclass
+class SourceDocument:
+    doc_id: str  # stable identity: relative path, or path#record-id for JSON records
+    text: str
+    source: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class FailedSource:
+    source: str
+    reason: str
+    doc_ids: list[str] = field(default_factory=list)  # documents whose stored chunks must stay untouched
+
+
+@dataclass
+class IngestReport:
+    files: int = 0
+    documents: int = 0
+    passages: int = 0  # chunks in the input
+    written: int = 0  # points written by this run
+    skipped: int = 0  # unchanged chunks already stored
+    deleted: int = 0  # stale chunks of changed documents
+    pruned: int = 0  # chunks of documents no longer in the input (--prune)
+    failed: list[FailedSource] = field(default_factory=list)
+    bytes_stored: int | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        size = "n/a" if self.bytes_stored is None else f"{self.bytes_stored / 1e6:.1f} MB"
+        return (
+            f"files {self.files}, documents {self.documents}, passages {self.passages} "
+            f"(written {self.written}, unchanged {self.skipped}, stale deleted {self.deleted}, pruned {self.pruned}), "
+            f"failed {len(self.failed)}, stored {size}, {self.seconds:.1f} s"
+        )
+
+
+def _doc_key(path: Path) -> str:
+    rel = os.path.relpath(path.resolve())
+    return Path(rel).as_posix() if not rel.startswith("..") else path.resolve().as_posix()
+
+
+def _iter_files(paths: Sequence[str | Path]) -> Iterator[Path]:
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink()) and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            yield p  # a missing path is reported as a failed source by read_file
+
+
+def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
+    """Documents of one file; raises InputError with the reason a file cannot be ingested."""
+    if not path.exists():
+        raise InputError("unreadable: broken symbolic link" if path.is_symlink() else "no such file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"unreadable: {exc.strerror or exc}") from exc
+    if not raw.strip():
+        raise InputError("empty file")
+    key = _doc_key(path)
+    ext = path.suffix.lower()
+    if ext in RECORD_EXTENSIONS:
+        return _read_records(raw, key, str(path), ext, text_field)
+    if ext in TEXT_EXTENSIONS or ext == "":
+        if b"\x00" in raw[:8192]:
+            raise InputError("binary file (NUL bytes)")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"not UTF-8 text (byte {exc.start})") from exc
+    from llama_index.core import SimpleDirectoryReader
+
+    try:
+        docs = SimpleDirectoryReader(input_files=[str(path)], errors="strict", raise_on_error=True).load_data()
+    except Exception as exc:  # readers raise anything from ValueError to parser-specific errors
+        raise InputError(f"no reader could read it ({type(exc).__name__}: {exc})") from exc
+    text = "\n\n".join(d.text for d in docs if d.text and d.text.strip())
+    if not text.strip():
+        raise InputError("no text extracted")
+    meta = {k: v for k, v in (docs[0].metadata if docs else {}).items() if k in ("file_name", "file_type", "page_label")}
+    return [SourceDocument(key, text, str(path), meta)]
+
+
+def _read_records(raw: bytes, key: str, source: str, ext: str, text_field: str) -> list[SourceDocument]:
+    try:
+        content = raw.decode("utf-8")
+        records = [json.loads(line) for line in content.splitlines() if line.strip()] if ext == ".jsonl" else json.loads(content)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"invalid {ext[1:].upper()}: {exc}") from exc
+    if isinstance(records, dict):
+        records = [records]
+    docs = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise InputError(f"record {i} has no string field {text_field!r}")
+        if not rec[text_field].strip():
+            continue
+        rid = rec.get("id", i)
+        meta = {k: v for k, v in rec.items() if k != text_field and isinstance(v, (str, int, float, bool))}
+        docs.append(SourceDocument(f"{key}#{rid}", rec[text_field], source, meta))
+    if not docs:
+        raise InputError(f"no record has text in field {text_field!r}")
+    return docs
+
+
+def in_shard(doc_id: str, shard: tuple[int, int] | None) -> bool:
+    """Stable split of documents across workers (``--shard i/n``)."""
+    if shard is None:
+        return True
+    index, count = shard
+    return zlib.crc32(doc_id.encode()) % count == index
+
+
+class Ingestor:
+    """Chunks, embeds, compresses and upserts into a LatentStore bound to this compressor."""
+
+    def __init__(self, store: LatentStore, compressor: LatentCompressor, embedder: Embedder,
+                 chunk_tokens: int = 128, overlap: int = 16, batch_size: int = 32,
+                 shard_number: int | None = None, replication_factor: int | None = None) -> None:
+        self.store, self.compressor, self.embedder = store, compressor, embedder
+        self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
+        self.spec = CollectionSpec(
+            fingerprint=compressor.fingerprint(), ratio=compressor.config.ratio,
+            latent_dim=compressor.config.encoder_hidden_size, embedding_model=embedder.name, embedding_dim=embedder.dim,
+        )
+        store.bind(self.spec, shard_number=shard_number, replication_factor=replication_factor)
+
+    # ---------------------------------------------------------------- entry points
+    def ingest_paths(self, paths: Sequence[str | Path], *, prune: bool = False, strict: bool = False,
+                     shard: tuple[int, int] | None = None, text_field: str = "text", progress: bool = True) -> IngestReport:
+        report = IngestReport()
+        start = time.perf_counter()
+        docs: list[SourceDocument] = []
+        protected: set[str] = set()
+        for path in _iter_files(paths):
+            report.files += 1
+            try:
+                file_docs = read_file(path, text_field)
+            except InputError as exc:
+                failure = FailedSource(str(path), str(exc), [_doc_key(path)])
+                report.failed.append(failure)
+                protected.add(_doc_key(path))
+                logger.warning("skipped %s: %s", path, exc)
+                if strict:
+                    raise InputError(f"{path}: {exc}") from exc
+                continue
+            docs.extend(d for d in file_docs if in_shard(d.doc_id, shard))
+        self._ingest(docs, report, progress)
+        if prune:
+            keep = {d.doc_id for d in docs}
+            for doc_id in self.store.doc_ids():
+                base = doc_id.split("#", 1)[0]
+                if doc_id in keep or doc_id in protected or base in protected or not in_shard(doc_id, shard):
+                    continue
+                stale = self.store.ids_of_doc(doc_id)
+                self.store.delete(stale)
+                report.pruned += len(stale)
+        report.bytes_stored = self.store.disk_bytes()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def ingest_documents(self, nodes: Sequence, progress: bool = False) -> IngestReport:
+        """Ingest LlamaIndex ``Document``/``TextNode`` objects (doc id = ``ref_doc_id`` or ``id_``)."""
+        docs = []
+        for node in nodes:
+            text = node.get_content() if hasattr(node, "get_content") else None
+            if not isinstance(text, str):
+                raise InputError(f"{type(node).__name__} has no text content")
+            doc_id = getattr(node, "ref_doc_id", None) or node.id_
+            meta = {k: v for k, v in (node.metadata or {}).items() if isinstance(v, (str, int, float, bool))}
+            docs.append(SourceDocument(str(doc_id), text, meta.get("file_path", "llama_index"), meta))
+        report = IngestReport()
+        start = time.perf_counter()
+        self._ingest(docs, report, progress)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    # ---------------------------------------------------------------- the work
+    def _ingest(self, docs: list[SourceDocument], report: IngestReport, progress: bool) -> None:
+        tok = self.compressor.tokenizer
+        pending: list[StoredPassage] = []
+        stale_by_doc: dict[str, set[str]] = {}
+        seen: set[str] = set()
+        for doc in docs:
+            if doc.doc_id in seen:
+                raise InputError(f"document id {doc.doc_id!r} appears twice in the input")
+            seen.add(doc.doc_id)
+            report.documents += 1
+            chunks = chunk_text(doc.text, tok, self.chunk_tokens, self.overlap)
+            new = {}
+            for c in chunks:
+                digest = hashlib.sha256(c.text.encode()).hexdigest()[:16]
+                pid = point_id(doc.doc_id, c.index, digest)
+                new[pid] = StoredPassage(pid, c.text, {
+                    "doc_id": doc.doc_id, "source": doc.source, "chunk_index": c.index, "start_char": c.start_char,
+                    "end_char": c.end_char, "num_tokens": c.num_tokens, "content_hash": digest, **doc.metadata,
+                })
+            existing = self.store.ids_of_doc(doc.doc_id)
+            report.passages += len(new)
+            report.skipped += len(existing & new.keys())
+            pending.extend(p for pid, p in new.items() if pid not in existing)
+            stale_by_doc[doc.doc_id] = existing - new.keys()
+        bar = None
+        if progress and pending:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(pending), unit="passage", desc=f"ingest -> {self.store.name}")
+        for b in range(0, len(pending), self.batch_size):
+            batch = pending[b : b + self.batch_size]
+            texts = [p.text for p in batch]
+            vectors = self.embedder.embed(texts)
+            latents = self.compressor.compress(texts, batch_size=self.batch_size)
+            for p, v, lat in zip(batch, vectors, latents):
+                p.dense, p.latents = v, lat
+            self.store.upsert(batch)
+            report.written += len(batch)
+            logger.info("upserted batch of %d (%d/%d)", len(batch), report.written, len(pending))
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        for stale in stale_by_doc.values():  # only after every new chunk is stored: nothing is lost midway
+            self.store.delete(stale)
+            report.deleted += len(stale)
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError as exc:
+        raise LclmRagError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from exc
+    if not 0 <= index < count:
+        raise LclmRagError(f"--shard {value}: need 0 <= i < n")
+    return index, count

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import BACKENDS, open_test_store
+from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
+from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, point_id
+
+SPEC = CollectionSpec(fingerprint="f" * 32, ratio=4, latent_dim=576, embedding_model="minilm", embedding_dim=384)
+
+
+def _passages(n: int, doc: str = "doc-a"):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        dense = torch.randn(384, generator=gen)
+        out.append(StoredPassage(
+            id=point_id(doc, i, f"h{i}"), text=f"passage {i} of {doc}",
+            payload={"doc_id": doc, "chunk_index": i}, dense=(dense / dense.norm()).numpy(),
+            latents=torch.randn(3 + i, 576, generator=gen) * 3,
+        ))
+    return out
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_round_trip_search_retrieve_delete(kind, tmp_path):
+    store = open_test_store(kind, tmp_path)
+    store.bind(SPEC)
+    passages = _passages(5) + _passages(2, doc="doc-b")
+    store.upsert(passages)
+    assert store.count() == 7
+    hits = store.search(passages[3].dense, top_k=3)
+    assert hits[0].id == passages[3].id and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert hits[0].payload["doc_id"] == "doc-a" and hits[0].payload["fingerprint"] == SPEC.fingerprint
+    # latents come back with the hit, at float16 precision (edge stores float16 itself)
+    torch.testing.assert_close(hits[0].latents, passages[3].latents, atol=1e-6, rtol=2**-10)
+    if kind == "edge":
+        assert torch.equal(hits[0].latents, passages[3].latents.half().float())
+    got = {p.id: p for p in store.retrieve([passages[0].id, passages[6].id])}
+    assert got[passages[6].id].latents.shape == (4, 576) and got[passages[6].id].text == "passage 1 of doc-b"
+    assert store.ids_of_doc("doc-b") == {passages[5].id, passages[6].id}
+    assert store.doc_ids() == {"doc-a", "doc-b"}
+    store.delete(store.ids_of_doc("doc-a"))
+    assert store.count() == 2 and store.doc_ids() == {"doc-b"}
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-path"])
+def test_persisted_collection_remembers_its_compressor(kind, tmp_path):
+    store = open_test_store(kind, tmp_path)
+    store.bind(SPEC)
+    store.upsert(_passages(2))
+    store.close()
+    store = open_test_store(kind, tmp_path)
+    assert store.spec == SPEC and store.count() == 2
+    other = CollectionSpec(fingerprint="0" * 32, ratio=8, latent_dim=576, embedding_model="minilm", embedding_dim=384)
+    with pytest.raises(CompressorMismatchError, match="f{32}.*0{32}"):
+        store.bind(other)
+    with pytest.raises(CompressorMismatchError, match="model's compressor is 0{32}"):
+        store.require(other.fingerprint)
+    assert store.count() == 2  # nothing touched
+    store.close()
+
+
+def test_unknown_collection_and_bad_input(tmp_path):
+    store = LatentStore.open("nothing-here", path=tmp_path / "x")
+    with pytest.raises(StoreError, match="'nothing-here' does not exist"):
+        store.search(np.zeros(384, dtype=np.float32), top_k=3)
+    with pytest.raises(InputError, match="collection name"):
+        LatentStore.open("a/b", path=tmp_path / "y")
+    store = LatentStore.open("ok", location=":memory:")
+    store.bind(SPEC)
+    bad = _passages(1)[0]
+    bad.latents = torch.zeros(2, 100)
+    with pytest.raises(InputError, match=r"latents must be \(n, 576\)"):
+        store.upsert([bad])
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_unreachable_server_fails_clearly_after_bounded_retries(grpc):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(StoreError, match=r"Qdrant at http://127.0.0.1:9 did not answer after 3 attempts"):
+        LatentStore.open("c", url="http://127.0.0.1:9", prefer_grpc=grpc, retries=3, retry_wait=0.01, timeout=2)
+    assert time.perf_counter() - start < 30
