@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lclm_rag.chunking import chunk_text
+from lclm_rag.chunking import Chunk, chunk_text
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError, LclmRagError
-from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, point_id
+from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, id_for_node, point_id
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class SourceDocument:
     text: str
     source: str
     metadata: dict = field(default_factory=dict)
+    node_id: str | None = None  # set: store the text as one passage under this LlamaIndex node id
 
 
 @dataclass
@@ -193,16 +194,21 @@ class Ingestor:
         report.seconds = time.perf_counter() - start
         return report
 
-    def ingest_documents(self, nodes: Sequence, progress: bool = False) -> IngestReport:
-        """Ingest LlamaIndex ``Document``/``TextNode`` objects (doc id = ``ref_doc_id`` or ``id_``)."""
+    def ingest_documents(self, nodes: Sequence, split: bool = True, progress: bool = False) -> IngestReport:
+        """Ingest LlamaIndex ``Document``/``TextNode`` objects.
+
+        ``split=True``: each node is a document (id ``ref_doc_id`` or ``id_``), chunked here.
+        ``split=False``: each node is already a chunk and becomes one point whose id is derived
+        from the node id, so a ``LatentContextPostprocessor`` finds its latents by node id.
+        """
         docs = []
         for node in nodes:
             text = node.get_content() if hasattr(node, "get_content") else None
             if not isinstance(text, str):
                 raise InputError(f"{type(node).__name__} has no text content")
-            doc_id = getattr(node, "ref_doc_id", None) or node.id_
+            doc_id = (getattr(node, "ref_doc_id", None) if split else None) or node.id_
             meta = {k: v for k, v in (node.metadata or {}).items() if isinstance(v, (str, int, float, bool))}
-            docs.append(SourceDocument(str(doc_id), text, meta.get("file_path", "llama_index"), meta))
+            docs.append(SourceDocument(str(doc_id), text, meta.get("file_path", "llama_index"), meta, node_id=None if split else node.id_))
         report = IngestReport()
         start = time.perf_counter()
         self._ingest(docs, report, progress)
@@ -220,16 +226,24 @@ class Ingestor:
                 raise InputError(f"document id {doc.doc_id!r} appears twice in the input")
             seen.add(doc.doc_id)
             report.documents += 1
-            chunks = chunk_text(doc.text, tok, self.chunk_tokens, self.overlap)
+            if doc.node_id is not None:
+                n_tokens = len(tok(doc.text, add_special_tokens=False)["input_ids"])
+                chunks = [Chunk(doc.text, 0, 0, len(doc.text), n_tokens)] if doc.text.strip() else []
+            else:
+                chunks = chunk_text(doc.text, tok, self.chunk_tokens, self.overlap)
             new = {}
             for c in chunks:
                 digest = hashlib.sha256(c.text.encode()).hexdigest()[:16]
-                pid = point_id(doc.doc_id, c.index, digest)
+                pid = id_for_node(doc.node_id) if doc.node_id is not None else point_id(doc.doc_id, c.index, digest)
                 new[pid] = StoredPassage(pid, c.text, {
                     "doc_id": doc.doc_id, "source": doc.source, "chunk_index": c.index, "start_char": c.start_char,
                     "end_char": c.end_char, "num_tokens": c.num_tokens, "content_hash": digest, **doc.metadata,
                 })
             existing = self.store.ids_of_doc(doc.doc_id)
+            if doc.node_id is not None and existing & new.keys():  # same node id, maybe new text
+                for old in self.store.retrieve(list(existing & new.keys()), with_latents=False):
+                    if old.payload.get("content_hash") != new[old.id].payload["content_hash"]:
+                        existing = existing - {old.id}
             report.passages += len(new)
             report.skipped += len(existing & new.keys())
             pending.extend(p for pid, p in new.items() if pid not in existing)

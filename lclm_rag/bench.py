@@ -118,7 +118,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_core_benchmark(checkpoint: str | None = None, quick: bool = False, output: str | None = None) -> dict:
-    from lclm_rag.cli import load_model
+    from lclm_rag.model import load_model
 
     model = load_model(checkpoint)
     if quick:

@@ -29,6 +29,7 @@ from lclm_rag.errors import CheckpointError, ConfigError
 LCLM_CONFIG = "model_config.json"
 LCLM_ADAPTER = "adapter/adapter.safetensors"
 PACKAGED_DIR = Path(__file__).parent / "checkpoints"
+DEFAULT_CHECKPOINT = "smollm2-135m-r4"  # the trained compressor shipped as package data
 
 
 def require_file(directory: str | Path, name: str) -> Path:

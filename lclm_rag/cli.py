@@ -20,21 +20,9 @@ SAMPLE_PASSAGE = (
 SAMPLE_QUESTION = "Who is the Eiffel Tower named after?"
 
 
-def load_model(checkpoint: str | None):
-    """The named checkpoint, else the packaged default, else an untrained default (with a warning)."""
-    from lclm_rag.checkpoint import packaged_checkpoints
-    from lclm_rag.config import LatentConfig
-    from lclm_rag.model import DEFAULT_CHECKPOINT, LatentContextModel
-
-    if checkpoint:
-        return LatentContextModel.from_pretrained(checkpoint)
-    if DEFAULT_CHECKPOINT in packaged_checkpoints():
-        return LatentContextModel.from_pretrained(DEFAULT_CHECKPOINT)
-    logging.warning("no trained checkpoint is packaged: using an untrained projector (answers from latents are noise)")
-    return LatentContextModel.from_config(LatentConfig()).eval()
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    from lclm_rag.model import load_model
+
     model = load_model(args.checkpoint)
     t = time.perf_counter()
     latents = model.compress([args.passage])[0]
@@ -66,21 +54,10 @@ def open_store(args: argparse.Namespace):
     return LatentStore.open(args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend)
 
 
-def load_compressor(checkpoint: str | None):
-    """Only the encoder side: what ingestion needs."""
-    from lclm_rag.checkpoint import packaged_checkpoints
-    from lclm_rag.compressor import LatentCompressor
-    from lclm_rag.config import LatentConfig
-    from lclm_rag.model import DEFAULT_CHECKPOINT
-
-    if checkpoint or DEFAULT_CHECKPOINT in packaged_checkpoints():
-        return LatentCompressor.from_pretrained(checkpoint or DEFAULT_CHECKPOINT).eval()
-    return LatentCompressor(LatentConfig()).eval()
-
-
 def cmd_ingest(args: argparse.Namespace) -> int:
     from lclm_rag.embedding import Embedder
     from lclm_rag.ingest.pipeline import Ingestor, parse_shard
+    from lclm_rag.model import load_compressor
 
     shard = parse_shard(args.shard)
     with open_store(args) as store:
@@ -95,6 +72,35 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"failed: {failure.source}: {failure.reason}", file=sys.stderr)
     print(report.summary())
     return 1 if report.failed else 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from lclm_rag.integrations.llama_index import LatentQueryEngine
+
+    engine = LatentQueryEngine.from_collection(
+        args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, model=args.checkpoint,
+        similarity_top_k=args.top_k, expand=args.expand, expand_policy=args.policy, token_budget=args.token_budget,
+        max_new_tokens=args.max_new_tokens, streaming=args.stream,
+    )
+    start = time.perf_counter()
+    response = engine.query(args.question)
+    if args.stream:
+        print("answer: ", end="", flush=True)
+        for piece in response.response_gen:
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(f"answer: {response.response}")
+    meta = response.metadata
+    print("sources:")
+    by_id = {p["node_id"]: p for p in meta["passages"]}
+    for n in response.source_nodes:
+        info = by_id[n.node.node_id]
+        where = f"{n.node.metadata.get('doc_id', '?')}#{n.node.metadata.get('chunk_index', '?')}"
+        print(f"  {n.score:.3f}  [{info['mode']:>6}]  {where}  {n.node.get_content()[:70]!r}")
+    print(f"decoder prompt positions: {meta['prompt_positions']}, expanded: {len(meta['expanded'])}, "
+          f"total {time.perf_counter() - start:.2f} s (retrieve {meta['timings']['retrieve_s']:.2f} s)")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -140,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replication-factor", type=int, help="replicas when creating a collection on a cluster")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("query", help="answer a question from a collection's stored latents")
+    p.add_argument("question")
+    add_store_args(p)
+    p.add_argument("--checkpoint", help="model checkpoint (default: the packaged one; must match the collection)")
+    p.add_argument("--top-k", type=int, default=5, help="passages retrieved (all are read as latents)")
+    p.add_argument("--expand", type=int, default=0, help="passages expanded back to raw text")
+    p.add_argument("--policy", choices=["score", "lexical"], default="score", help="which passages to expand first")
+    p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stream", action="store_true")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
     p.add_argument("--config", required=True, help="JSON or YAML training config")

@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lclm_rag.checkpoint import LCLM_ADAPTER, is_lclm_layout, load_config, resolve_checkpoint
+import logging
+
+from lclm_rag.checkpoint import DEFAULT_CHECKPOINT, LCLM_ADAPTER, is_lclm_layout, load_config, packaged_checkpoints, resolve_checkpoint
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.config import LatentConfig
 from lclm_rag.decoder import LatentDecoder, Segment, Slot
 
-DEFAULT_CHECKPOINT = "smollm2-135m-r4"
+logger = logging.getLogger(__name__)
 
 
 class LatentContextModel(nn.Module):
@@ -78,3 +80,20 @@ class LatentContextModel(nn.Module):
 
     def prompt_positions(self, segments: Sequence[Segment]) -> int:
         return sum(s.positions for s in segments)
+
+
+def load_model(checkpoint: str | Path | None = None) -> LatentContextModel:
+    """The given checkpoint; else the packaged default; else an untrained default (with a warning)."""
+    if checkpoint:
+        return LatentContextModel.from_pretrained(checkpoint)
+    if DEFAULT_CHECKPOINT in packaged_checkpoints():
+        return LatentContextModel.from_pretrained(DEFAULT_CHECKPOINT)
+    logger.warning("no trained checkpoint is packaged: using an untrained projector (answers from latents are noise)")
+    return LatentContextModel.from_config(LatentConfig()).eval()
+
+
+def load_compressor(checkpoint: str | Path | None = None) -> LatentCompressor:
+    """Only the encoder side (what ingestion needs), resolved like ``load_model``."""
+    if checkpoint or DEFAULT_CHECKPOINT in packaged_checkpoints():
+        return LatentCompressor.from_pretrained(checkpoint or DEFAULT_CHECKPOINT).eval()
+    return LatentCompressor(LatentConfig()).eval()

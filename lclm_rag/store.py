@@ -82,6 +82,14 @@ def point_id(doc_id: str, chunk_index: int, content_hash: str) -> str:
     return str(uuid.uuid5(ID_NAMESPACE, f"{doc_id}\x00{chunk_index}\x00{content_hash}"))
 
 
+def id_for_node(node_id: str) -> str:
+    """Point id of a LlamaIndex node stored as one passage: its own id if a UUID, else a UUID5 of it."""
+    try:
+        return str(uuid.UUID(str(node_id)))
+    except ValueError:
+        return str(uuid.uuid5(ID_NAMESPACE, f"node\x00{node_id}"))
+
+
 def _latents_to_rows(latents: torch.Tensor) -> np.ndarray:
     return latents.detach().to("cpu", torch.float32).numpy()
 

@@ -1,0 +1,141 @@
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
+from lclm_rag.ingest import Ingestor
+from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine, LatentRetriever
+from lclm_rag.store import LatentStore
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "examples" / "docs"
+QUESTION = "Who is the Eiffel Tower named after?"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model, embedder):
+    path = tmp_path_factory.mktemp("store") / "docs"
+    st = LatentStore.open("docs", path=path)
+    Ingestor(st, model.compressor, embedder, chunk_tokens=64, overlap=0).ingest_paths([DOCS], progress=False)
+    yield st
+    st.close()
+
+
+def test_retriever_returns_nodes_scores_and_stored_latents(store, embedder):
+    retriever = LatentRetriever(store, embedder, similarity_top_k=3)
+    nodes = retriever.retrieve(QUESTION)
+    assert len(nodes) == 3 and nodes[0].score >= nodes[1].score >= nodes[2].score
+    assert "eiffel" in nodes[0].node.metadata["doc_id"]
+    stored = {p.id: p for p in store.retrieve([n.node.node_id for n in nodes])}
+    for n in nodes:
+        latents, source = retriever.cache.get(n.node.node_id)
+        assert source == "stored" and torch.equal(latents, stored[n.node.node_id].latents)
+
+
+def test_engine_sync_async_stream_agree_and_never_encode(store, embedder, model):
+    engine = LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=3), model=model, max_new_tokens=12)
+    calls = model.compressor.encoder_calls
+    sync = engine.query(QUESTION)
+    asynchronous = asyncio.run(engine.aquery(QUESTION))
+    engine.streaming = True
+    streamed = engine.query(QUESTION)
+    text = "".join(streamed.response_gen).strip()
+    assert model.compressor.encoder_calls == calls, "a query must not run the encoder"
+    assert sync.response == asynchronous.response == text and sync.response
+    assert [n.node.node_id for n in sync.source_nodes] == [n.node.node_id for n in streamed.source_nodes]
+    meta = sync.metadata
+    assert [p["mode"] for p in meta["passages"]] == ["latent"] * 3 and meta["expanded"] == []
+    assert meta["prompt_positions"] > 0 and {"retrieve_s", "generate_s", "total_s"} <= meta["timings"].keys()
+
+
+def test_expand_changes_what_the_decoder_receives(store, embedder, model):
+    retriever = LatentRetriever(store, embedder, similarity_top_k=3)
+    skim = LatentQueryEngine.from_args(retriever=retriever, model=model, max_new_tokens=4)
+    expanded = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=1, max_new_tokens=4)
+    a, b = skim.query(QUESTION), expanded.query(QUESTION)
+    top = b.source_nodes[0]
+    assert b.metadata["expanded"] == [top.node.node_id]
+    assert [p["mode"] for p in b.metadata["passages"]] == ["text", "latent", "latent"]
+    latent_positions = a.metadata["passages"][0]["latent_positions"]
+    text_positions = len(model.decoder._ids(top.node.get_content()))
+    assert b.metadata["prompt_positions"] - a.metadata["prompt_positions"] == text_positions - latent_positions
+
+
+def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embedder):
+    from llama_index.core import Settings, StorageContext, VectorStoreIndex
+    from llama_index.core.schema import TextNode
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.vector_stores.qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from lclm_rag.hub import DEFAULT_EMBEDDER, resolve_model
+
+    embed_model = HuggingFaceEmbedding(model_name=resolve_model(DEFAULT_EMBEDDER))
+    texts = ["The Eiffel Tower is named after Gustave Eiffel.", "Paris is the capital of France.",
+             "Coral polyps build the Great Barrier Reef.", "Apollo 11 landed on the Moon in 1969."]
+    nodes = [TextNode(text=t, metadata={"n": i}) for i, t in enumerate(texts)]
+    client = QdrantClient(location=":memory:")
+    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=QdrantVectorStore(client=client, collection_name="c")),
+                             embed_model=embed_model)
+    latent_store = LatentStore.open("lat", location=":memory:")
+    Ingestor(latent_store, model.compressor, embedder).ingest_documents(nodes[:3], split=False)  # the 4th is never stored
+
+    post = LatentContextPostprocessor(model=model, store=latent_store)
+    assert LatentContextPostprocessor.class_name() == "LatentContextPostprocessor"
+    retrieved = index.as_retriever(similarity_top_k=4).retrieve("What did Apollo 11 do?")
+    before = [(n.node.node_id, n.score, dict(n.node.metadata)) for n in retrieved]
+    calls = model.compressor.encoder_calls
+    out = post.postprocess_nodes(retrieved)
+    assert out == retrieved and all(a is b for a, b in zip(out, retrieved))
+    assert [(n.node.node_id, n.score, dict(n.node.metadata)) for n in out] == before
+    sources = {n.node.get_content(): post.cache.get(n.node.node_id)[1] for n in out}
+    assert sources == {texts[0]: "stored", texts[1]: "stored", texts[2]: "stored", texts[3]: "computed"}
+    assert model.compressor.encoder_calls == calls + 1  # only the node the collection lacks
+    stored_latents = latent_store.retrieve([next(n.node.node_id for n in out if n.node.get_content() == texts[0])])
+    engine = LatentQueryEngine.from_args(retriever=index.as_retriever(similarity_top_k=4), node_postprocessors=[post], model=model, max_new_tokens=4)
+    response = engine.query("What did Apollo 11 do?")
+    assert len(response.source_nodes) == 4 and sorted(p["latent_source"] for p in response.metadata["passages"]) == ["computed", "stored", "stored", "stored"]
+    client.close()
+
+
+def test_errors(store, embedder, model, tmp_path):
+    engine = LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model)
+    with pytest.raises(InputError, match="question is empty"):
+        engine.query("   ")
+    with pytest.raises(InputError, match="similarity_top_k=500 but collection 'docs' holds only"):
+        LatentRetriever(store, embedder, similarity_top_k=500)
+    with pytest.raises(StoreError, match="'missing' does not exist"):
+        LatentQueryEngine.from_collection("missing", path=str(tmp_path / "missing"), model=model)
+    from lclm_rag.store import CollectionSpec, StoredPassage
+
+    other = LatentStore.open("other", location=":memory:")
+    other.bind(CollectionSpec(fingerprint="0" * 32, ratio=8, latent_dim=576, embedding_model=embedder.name, embedding_dim=384))
+    other.upsert([StoredPassage("00000000-0000-0000-0000-000000000001", "x", {"doc_id": "d"}, embedder.embed(["x"])[0], torch.zeros(2, 576))])
+    with pytest.raises(CompressorMismatchError, match="holds latents of compressor 0{32}, but the model's compressor is"):
+        LatentQueryEngine.from_args(retriever=LatentRetriever(other, embedder, similarity_top_k=1), model=model)
+
+
+@pytest.mark.parametrize("script", ["ingest_and_query.py", "postprocessor_with_llamaindex_qdrant.py"])
+def test_examples_run_offline(script, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "examples" / script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("A:" in res.stdout) and ("compressed" in res.stdout or "written" in res.stdout)
+
+
+def test_cli_query(store, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    path = store.backend.dir
+    store.backend.close()  # the embedded engine allows one process at a time
+    try:
+        res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "query", QUESTION, "--collection", "docs", "--path", str(path),
+                              "--top-k", "2", "--expand", "1", "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        store.backend.__init__(path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "answer:" in res.stdout and "[  text]" in res.stdout and "[latent]" in res.stdout
