@@ -145,3 +145,76 @@ def run_core_benchmark(checkpoint: str | None = None, quick: bool = False, outpu
             "### Compression\n\n" + markdown_table(compression) + "\n\n### Time to first token\n\n" + markdown_table(ttft) + "\n"
         )
     return result
+
+
+def _stored_passages(texts, vectors, latents, start: int = 0):
+    from lclm_rag.store import StoredPassage, point_id
+
+    return [
+        StoredPassage(point_id("bench", start + i, str(start + i)), t, {"doc_id": f"bench-{(start + i) // 10}", "chunk_index": start + i},
+                      dense=v, latents=lat)
+        for i, (t, v, lat) in enumerate(zip(texts, vectors, latents))
+    ]
+
+
+def run_ingest_benchmark(n: int = 10_000, component_n: int = 1_000, workdir: str | None = None, output: str | None = None) -> dict:
+    """Ingestion passages/s (embed, compress, store separately and together) and disk bytes/passage."""
+    import tempfile
+
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.ingest import Ingestor
+    from lclm_rag.model import load_compressor
+    from lclm_rag.store import CollectionSpec, LatentStore
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="lclm-bench-"))
+    compressor = load_compressor()
+    embedder = Embedder()
+    passages = sample_passages(compressor.tokenizer, n)
+    sub = passages[:component_n]
+    rows = []
+
+    t = time.perf_counter()
+    vectors = embedder.embed(sub)
+    rows.append({"stage": "embed (all-MiniLM-L6-v2)", "passages": component_n, "passages_per_s": round(component_n / (time.perf_counter() - t), 1)})
+    latents_by_ratio = {}
+    for ratio in (4, 8, 16):
+        comp = LatentCompressor(LatentConfig(**{**compressor.config.to_dict(), "ratio": ratio}), encoder=compressor.encoder, tokenizer=compressor.tokenizer).eval()
+        t = time.perf_counter()
+        latents_by_ratio[ratio] = (comp, comp.compress(sub, batch_size=32))
+        rows.append({"stage": f"compress 1:{ratio} ({comp.config.encoder_layers}-layer encoder)", "passages": component_n,
+                     "passages_per_s": round(component_n / (time.perf_counter() - t), 1)})
+
+    storage = []
+    for backend in ("edge", "qdrant-local"):
+        for ratio, (comp, latents) in latents_by_ratio.items():
+            spec = CollectionSpec(comp.fingerprint(), ratio, comp.config.encoder_hidden_size, embedder.name, embedder.dim)
+            path = work / f"{backend}-r{ratio}"
+            store = LatentStore.open("bench", path=path, backend="edge" if backend == "edge" else "qdrant")
+            store.bind(spec)
+            items = _stored_passages(sub, vectors, latents)
+            t = time.perf_counter()
+            for b in range(0, len(items), 64):
+                store.upsert(items[b : b + 64])
+            seconds = time.perf_counter() - t
+            store.close()
+            size = sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+            storage.append({"backend": backend, "ratio": ratio, "passages": component_n, "store_passages_per_s": round(component_n / seconds, 1),
+                            "disk_bytes_per_passage": int(size / component_n), "latent_values_per_passage": round(sum(l.numel() for l in latents) / component_n)})
+            if ratio == 4:
+                rows.append({"stage": f"store ({backend}, 1:4)", "passages": component_n, "passages_per_s": round(component_n / seconds, 1)})
+
+    docs = work / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(passages)))
+    with LatentStore.open("bench-e2e", path=work / "e2e") as store:
+        ingestor = Ingestor(store, compressor, embedder, chunk_tokens=160, overlap=0, batch_size=64)
+        report = ingestor.ingest_paths([docs], progress=False)
+    rows.append({"stage": f"together: lclm-rag ingest (edge, 1:{compressor.config.ratio})", "passages": report.written,
+                 "passages_per_s": round(report.written / report.seconds, 1)})
+    result = {"machine": machine_info(), "throughput": rows, "storage": storage}
+    if output:
+        Path(output).write_text(json.dumps(result, indent=2))
+        Path(output).with_suffix(".md").write_text(
+            f"Measured {result['machine']['date']} on {result['machine']['cores']} cores.\n\n### Ingestion throughput\n\n"
+            + markdown_table(rows) + "\n\n### Storage per passage (128-token passages)\n\n" + markdown_table(storage) + "\n"
+        )
+    return result

@@ -103,6 +103,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lclm_rag.bench import markdown_table
+    from lclm_rag.eval import run_gold_eval
+    from lclm_rag.model import load_model
+
+    model = load_model(args.checkpoint)
+    result = run_gold_eval(model, args.data, args.modes.split(","), args.limit, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens, output=args.output)
+    print(markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result["scores"]]))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lclm_rag.train import main_from_config
 
@@ -111,10 +123,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lclm_rag.bench import run_core_benchmark
+    from lclm_rag import bench
 
-    result = run_core_benchmark(args.checkpoint, quick=args.quick, output=args.output)
-    print(json.dumps(result["summary"], indent=2))
+    if args.what in ("core", "all"):
+        result = bench.run_core_benchmark(args.checkpoint, quick=args.quick, output=f"{args.output_dir}/bench_core.json")
+        print(json.dumps(result["summary"], indent=2))
+    if args.what in ("ingest", "all"):
+        n = 200 if args.quick else args.passages
+        result = bench.run_ingest_benchmark(n=n, component_n=min(n, 1000), output=f"{args.output_dir}/bench_ingest.json")
+        print(bench.markdown_table(result["throughput"]))
+        print(bench.markdown_table(result["storage"]))
     return 0
 
 
@@ -159,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_query)
 
+    p = sub.add_parser("eval", help="QA on SQuAD-format records with the gold passage (reading quality)")
+    p.add_argument("data", help="JSONL with context, question, answers")
+    p.add_argument("--checkpoint")
+    p.add_argument("--modes", default="none,text-base,text,latent,latent-control",
+                   help="comma-separated: none, text, text-base, latent, latent-control")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--output", help="JSON with scores and predictions")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
     p.add_argument("--config", required=True, help="JSON or YAML training config")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
@@ -166,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")
     p.add_argument("--checkpoint")
+    p.add_argument("what", nargs="?", choices=["core", "ingest", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--output", default="docs/bench_core.json")
+    p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion benchmark")
+    p.add_argument("--output-dir", default="docs", help="where JSON and markdown results go")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -130,6 +130,11 @@ class EdgeBackend(Backend):
             try:
                 self.shard = qe.EdgeShard.load(str(directory))
             except Exception as exc:  # the engine raises plain Exception
+                if "WouldBlock" in str(exc):
+                    raise StoreError(
+                        f"the embedded collection at {directory} is open in another process: the in-process engine "
+                        "allows one process at a time (use a Qdrant server, --qdrant-url, for concurrent workers)"
+                    ) from exc
                 raise StoreError(f"cannot open the embedded collection at {directory}: {exc}") from exc
 
     def exists(self) -> bool:

@@ -290,6 +290,9 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
     if resume is not None:
         model = LatentContextModel.from_pretrained(resume / "model")
         state = json.loads((resume / "state.json").read_text())
+        if accelerator.is_main_process and (out / "log.jsonl").exists():  # drop steps redone after the checkpoint
+            rows = [r for r in load_jsonl(out / "log.jsonl") if r["global_step"] <= state["global_step"]]
+            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         model = LatentContextModel.from_pretrained(cfg.init_from) if cfg.init_from else LatentContextModel.from_config(LatentConfig(**cfg.model))
         state = {"stage": 0, "step": 0, "global_step": 0, "elapsed": 0.0}

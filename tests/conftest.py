@@ -95,3 +95,23 @@ def open_test_store(kind: str, tmp_path, name: str = "test"):
     if kind == "qdrant-memory":
         return LatentStore.open(name, location=":memory:")
     return LatentStore.open(name, path=tmp_path / "qdrant-local", backend="qdrant")
+
+
+def make_tiny_llama(path, smol_path, hidden: int, layers: int = 2, seed: int = 0) -> str:
+    """A randomly initialised tiny Llama with SmolLM2's tokenizer: fast training tests."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smol_path):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_llama(root / "enc", smol_path, 64, seed=0), make_tiny_llama(root / "dec", smol_path, 96, seed=1)

@@ -1,0 +1,15 @@
+import os
+import subprocess
+import sys
+
+
+def test_demo_runs_offline():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "latents of width 576" in res.stdout and "answer  from latents" in res.stdout
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "neither a directory nor a packaged checkpoint" in res.stderr

@@ -1,0 +1,101 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lclm_rag.errors import ConfigError
+from lclm_rag.eval import load_jsonl
+from lclm_rag.model import LatentContextModel
+from lclm_rag.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+
+
+def _config(tmp_path, tiny_models, out: str, steps=(6, 4), batch_size: int = 2, **extra) -> Path:
+    enc, dec = tiny_models
+    cfg = {
+        "output_dir": str(tmp_path / out),
+        "model": {"encoder": enc, "decoder": dec, "encoder_layers": None, "ratio": 4,
+                  "decoder_lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "corpus": [str(SHARED / "corpus" / "moby_dick.jsonl")],
+        "qa_data": [str(SHARED / "qa" / "quoref.jsonl")],
+        "chunk_tokens": 24, "batch_size": batch_size, "warmup_steps": 2, "save_every": 1, "eval_every": 100,
+        "eval_passages": 4, "seed": 3,
+        "stages": [{"name": "restoration", "steps": steps[0], "lr": 1e-3},
+                   {"name": "qa", "steps": steps[1], "lr": 1e-3, "distractors": 1, "mix_restoration": 0.5}],
+        **extra,
+    }
+    path = tmp_path / f"{out}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    return {r["global_step"]: r["loss"] for r in load_jsonl(out_dir / "log.jsonl") if r["type"] == "train"}
+
+
+def test_stages_run_log_and_save(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "run")))
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 11))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert any(r["type"] == "eval" and "restoration_acc_control" in r for r in load_jsonl(tmp_path / "run" / "log.jsonl"))
+    model = LatentContextModel.from_pretrained(final)
+    assert model.config.decoder_lora and (final / "decoder_lora").exists()
+
+
+def test_kill_9_then_resume_continues_the_same_curve(tmp_path, tiny_models):
+    reference = train(TrainConfig.load(_config(tmp_path, tiny_models, "ref")))
+    cfg = _config(tmp_path, tiny_models, "killed")
+    args = [sys.executable, "-m", "lclm_rag.cli", "train", "--config", str(cfg)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(_losses(tmp_path / "killed")) >= 7):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 7 <= len(_losses(tmp_path / "killed")) < 10, "the kill must land mid-run"
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed, ref = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
+    assert sorted(resumed) == sorted(ref) == list(range(1, 11))
+    for step in ref:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-4), step
+    a = LatentContextModel.from_pretrained(reference)
+    b = LatentContextModel.from_pretrained(tmp_path / "killed" / "final")
+    torch.testing.assert_close(a.decoder.projector.fc2.weight, b.decoder.projector.fc2.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_two_process_ddp_matches_one_process_with_double_batch(tmp_path, tiny_models):
+    single = train(TrainConfig.load(_config(tmp_path, tiny_models, "single", steps=(3, 0), batch_size=4)))
+    cfg = _config(tmp_path, tiny_models, "ddp", steps=(3, 0), batch_size=2)
+    script = "from lclm_rag.train import main_from_config; import sys; main_from_config(sys.argv[1])"
+    (tmp_path / "ddp_main.py").write_text(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          str(tmp_path / "ddp_main.py"), str(cfg)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = LatentContextModel.from_pretrained(single)
+    b = LatentContextModel.from_pretrained(tmp_path / "ddp" / "final")
+    for (name, p), (_, q) in zip(a.decoder.projector.named_parameters(), b.decoder.projector.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    assert [r["samples"] for r in load_jsonl(tmp_path / "ddp" / "log.jsonl") if r["type"] == "train"] == [4, 8, 12]
+
+
+def test_config_errors(tmp_path, tiny_models):
+    with pytest.raises(ConfigError, match="evaluation only"):
+        TrainConfig.load(_config(tmp_path, tiny_models, "bad", qa_data=[str(SHARED / "qa" / "squad_dev.jsonl")]))
+    raw = json.loads(_config(tmp_path, tiny_models, "bad2").read_text())
+    raw["stages"][0]["name"] = "pretraining"
+    with pytest.raises(ConfigError, match="stage name"):
+        TrainConfig.from_dict(raw)
