@@ -218,3 +218,48 @@ def run_ingest_benchmark(n: int = 10_000, component_n: int = 1_000, workdir: str
             + markdown_table(rows) + "\n\n### Storage per passage (128-token passages)\n\n" + markdown_table(storage) + "\n"
         )
     return result
+
+
+def run_query_benchmark(docs: str | Path | None = None, top_k: int = 5, repeats: int = 3, output: str | None = None,
+                        checkpoint: str | None = None) -> dict:
+    """End-to-end LatentQueryEngine latency on a small collection: all passages as latents vs all
+    expanded to text (plain full-text RAG with the same decoder and retrieval)."""
+    import tempfile
+
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.ingest import Ingestor
+    from lclm_rag.integrations.llama_index import LatentQueryEngine, LatentRetriever
+    from lclm_rag.model import load_model
+    from lclm_rag.store import LatentStore
+
+    docs = Path(docs or REPO_ROOT / "examples" / "docs")
+    questions = ["Who is the Eiffel Tower named after?", "Where does photosynthesis take place in plants?",
+                 "When did Apollo 11 land on the Moon?", "How many species of fish live on the Great Barrier Reef?"]
+    model, embedder = load_model(checkpoint), Embedder()
+    rows = []
+    with LatentStore.open("bench-query", path=Path(tempfile.mkdtemp()) / "q") as store:
+        Ingestor(store, model.compressor, embedder).ingest_paths([docs], progress=False)
+        k = min(top_k, store.count())
+        retriever = LatentRetriever(store, embedder, similarity_top_k=k)
+        for mode, expand in (("latents 1:%d" % model.config.ratio, 0), ("full text", k)):
+            engine = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=expand, max_new_tokens=32, streaming=True)
+            engine.query(questions[0]).get_response()  # warm-up
+            ttft, total, positions, words = [], [], [], []
+            for _ in range(repeats):
+                for question in questions:
+                    t = time.perf_counter()
+                    response = engine.query(question)
+                    pieces = iter(response.response_gen)
+                    first = next(pieces, "")
+                    ttft.append(time.perf_counter() - t)
+                    text = first + "".join(pieces)
+                    total.append(time.perf_counter() - t)
+                    positions.append(response.metadata["prompt_positions"])
+                    words.append(len(text.split()))
+            rows.append({"mode": mode, "top_k": k, "prompt_positions": round(statistics.mean(positions)),
+                         "ttft_s": round(statistics.median(ttft), 3), "total_s": round(statistics.median(total), 3),
+                         "answer_words": round(statistics.mean(words), 1)})
+    result = {"machine": machine_info(), "collection": str(docs), "max_new_tokens": 32, "rows": rows}
+    if output:
+        Path(output).write_text(json.dumps(result, indent=2))
+    return result

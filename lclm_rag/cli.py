@@ -128,6 +128,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what in ("core", "all"):
         result = bench.run_core_benchmark(args.checkpoint, quick=args.quick, output=f"{args.output_dir}/bench_core.json")
         print(json.dumps(result["summary"], indent=2))
+    if args.what in ("query", "all"):
+        result = bench.run_query_benchmark(checkpoint=args.checkpoint, output=f"{args.output_dir}/bench_query.json")
+        print(bench.markdown_table(result["rows"]))
     if args.what in ("ingest", "all"):
         n = 200 if args.quick else args.passages
         result = bench.run_ingest_benchmark(n=n, component_n=min(n, 1000), output=f"{args.output_dir}/bench_ingest.json")
@@ -195,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")
     p.add_argument("--checkpoint")
-    p.add_argument("what", nargs="?", choices=["core", "ingest", "all"], default="all")
+    p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion benchmark")
     p.add_argument("--output-dir", default="docs", help="where JSON and markdown results go")
