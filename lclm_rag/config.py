@@ -34,7 +34,6 @@ class LatentConfig:
     ratio: int = 4  # tokens per latent vector: n = ceil(T / ratio)
     encoder_window: int = 512  # tokens per encoder forward (rounded down to a multiple of ratio);
     #                            longer passages are compressed window by window
-    encoder_causal: bool = True  # causal attention in the encoder (False: bidirectional, as LCLM)
     encoder_hidden_size: int = 0  # width of a latent vector (filled from the encoder config)
     encoder_lora: dict[str, Any] | None = None  # peft LoraConfig kwargs if the encoder is adapted
 

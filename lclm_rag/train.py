@@ -390,8 +390,8 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> None:
     if train_rows:
         x = [r["samples"] for r in train_rows]
         k = max(1, len(train_rows) // 50)
-        smooth = np.convolve([r["loss"] for r in train_rows], np.ones(k) / k, mode="same")
-        axes[0].plot(x, smooth, label="train loss (smoothed)")
+        smooth = np.convolve([r["loss"] for r in train_rows], np.ones(k) / k, mode="valid")  # no edge artefacts
+        axes[0].plot(x[k - 1 :], smooth, label=f"train loss (moving average of {k} steps)")
         axes[0].set_xlabel("training samples")
         axes[0].legend()
     if eval_rows:
