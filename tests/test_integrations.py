@@ -10,7 +10,7 @@ import torch
 from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
 from lclm_rag.ingest import Ingestor
 from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine, LatentRetriever
-from lclm_rag.store import LatentStore
+from lclm_rag.store import LatentStore, id_for_node
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "examples" / "docs"
@@ -67,7 +67,7 @@ def test_expand_changes_what_the_decoder_receives(store, embedder, model):
 
 
 def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embedder):
-    from llama_index.core import Settings, StorageContext, VectorStoreIndex
+    from llama_index.core import StorageContext, VectorStoreIndex
     from llama_index.core.schema import TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
     from llama_index.vector_stores.qdrant import QdrantVectorStore
@@ -96,7 +96,9 @@ def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embed
     sources = {n.node.get_content(): post.cache.get(n.node.node_id)[1] for n in out}
     assert sources == {texts[0]: "stored", texts[1]: "stored", texts[2]: "stored", texts[3]: "computed"}
     assert model.compressor.encoder_calls == calls + 1  # only the node the collection lacks
-    stored_latents = latent_store.retrieve([next(n.node.node_id for n in out if n.node.get_content() == texts[0])])
+    node0 = next(n for n in out if n.node.get_content() == texts[0])
+    stored0 = latent_store.retrieve([id_for_node(node0.node.node_id)])[0]
+    assert torch.equal(post.cache.get(node0.node.node_id)[0], stored0.latents)
     engine = LatentQueryEngine.from_args(retriever=index.as_retriever(similarity_top_k=4), node_postprocessors=[post], model=model, max_new_tokens=4)
     response = engine.query("What did Apollo 11 do?")
     assert len(response.source_nodes) == 4 and sorted(p["latent_source"] for p in response.metadata["passages"]) == ["computed", "stored", "stored", "stored"]

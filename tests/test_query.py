@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from lclm_rag.errors import InputError
 from lclm_rag.query import Passage, build_segments, lexical_relevance, plan_prompt, rank_for_expansion
