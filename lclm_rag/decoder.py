@@ -95,7 +95,8 @@ class LatentDecoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
+        """Decoder token ids of ``text`` (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def qa_user_message(self, question: str, num_slots: int) -> str:
@@ -117,12 +118,12 @@ class LatentDecoder(nn.Module):
         out: list[Segment] = []
         pos = 0
         for match in _SENTINEL_RE.finditer(text):
-            out.append(Segment(token_ids=self._ids(text[pos : match.start()])))
+            out.append(Segment(token_ids=self.text_ids(text[pos : match.start()])))
             slot = slots[int(match.group(1))]
             if isinstance(slot, str):
                 if not slot.strip():
                     raise InputError(f"passage {int(match.group(1))} is empty")
-                out.append(Segment(token_ids=self._ids(slot)))
+                out.append(Segment(token_ids=self.text_ids(slot)))
             elif isinstance(slot, torch.Tensor):
                 if slot.ndim != 2 or slot.shape[0] == 0:
                     raise InputError(f"passage {int(match.group(1))} latents must be (n>0, width), got {tuple(slot.shape)}")
@@ -130,7 +131,7 @@ class LatentDecoder(nn.Module):
             else:
                 raise InputError(f"passage {int(match.group(1))} is {type(slot).__name__}: give latents (a tensor) or text")
             pos = match.end()
-        out.append(Segment(token_ids=self._ids(text[pos:])))
+        out.append(Segment(token_ids=self.text_ids(text[pos:])))
         return [s for s in out if s.token_ids is None or s.token_ids]
 
     def qa_segments(self, question: str, slots: Sequence[Slot]) -> list[Segment]:

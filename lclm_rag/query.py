@@ -83,7 +83,7 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
     if expand < 0:
         raise InputError(f"expand must be >= 0, got {expand}")
     ranking = rank_for_expansion(question, passages, policy)
-    text_cost = [len(model.decoder._ids(p.text)) for p in passages]
+    text_cost = [len(model.decoder.text_ids(p.text)) for p in passages]
     latent_cost = [p.latents.shape[0] + 2 if p.latents is not None else math.inf for p in passages]
     overhead = sum(s.positions for s in model.decoder.qa_segments(question, []))
     per_slot = 8  # "[i] " and separators around each passage, upper bound

@@ -98,6 +98,13 @@ def _rows_to_latents(rows: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows, dtype=np.float32))
 
 
+def _to_passage(rec, with_latents: bool, score: float | None = None) -> StoredPassage:
+    """A record or scored point of either engine (same attribute names) as a StoredPassage."""
+    payload = dict(rec.payload or {})
+    latents = _rows_to_latents(rec.vector[LATENT]) if with_latents and rec.vector else None
+    return StoredPassage(id=str(rec.id), text=payload.get("text", ""), payload=payload, latents=latents, score=score)
+
+
 # --------------------------------------------------------------------------- backends
 class Backend:
     """What a storage engine must do. Ids are UUID strings; filters are on doc_id only."""
@@ -175,22 +182,17 @@ class EdgeBackend(Backend):
         self.shard.update(qe.UpdateOperation.upsert_points(points))
         self.shard.flush()  # a batch is durable once upsert returns
 
-    def _record(self, rec, with_latents: bool, score=None) -> StoredPassage:
-        payload = dict(rec.payload or {})
-        latents = _rows_to_latents(rec.vector[LATENT]) if with_latents and rec.vector else None
-        return StoredPassage(id=str(rec.id), text=payload.get("text", ""), payload=payload, latents=latents, score=score)
-
     def search(self, vector, limit, with_latents):
         qe = self.qe
         hits = self.shard.search(qe.SearchRequest(
             query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32), using=DENSE), limit=limit,
             with_payload=True, with_vector=[LATENT] if with_latents else False,
         ))
-        return [self._record(h, with_latents, score=float(h.score)) for h in hits]
+        return [_to_passage(h, with_latents, score=float(h.score)) for h in hits]
 
     def retrieve(self, ids, with_latents):
         recs = self.shard.retrieve(list(ids), True, [LATENT] if with_latents else None)
-        return [self._record(r, with_latents) for r in recs]
+        return [_to_passage(r, with_latents) for r in recs]
 
     def _scroll(self, flt=None) -> Iterable:
         qe = self.qe
@@ -296,21 +298,16 @@ class QdrantClientBackend(Backend):
         ]
         self._call(self.client.upsert, self.name, points=points, wait=True)
 
-    def _record(self, rec, with_latents, score=None):
-        payload = dict(rec.payload or {})
-        latents = _rows_to_latents(rec.vector[LATENT]) if with_latents and rec.vector else None
-        return StoredPassage(id=str(rec.id), text=payload.get("text", ""), payload=payload, latents=latents, score=score)
-
     def search(self, vector, limit, with_latents):
         res = self._call(
             self.client.query_points, self.name, query=np.asarray(vector, dtype=np.float32).tolist(), using=DENSE,
             limit=limit, with_payload=True, with_vectors=[LATENT] if with_latents else False,
         )
-        return [self._record(p, with_latents, score=float(p.score)) for p in res.points]
+        return [_to_passage(p, with_latents, score=float(p.score)) for p in res.points]
 
     def retrieve(self, ids, with_latents):
         recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True, with_vectors=[LATENT] if with_latents else False)
-        return [self._record(r, with_latents) for r in recs]
+        return [_to_passage(r, with_latents) for r in recs]
 
     def _scroll(self, flt=None):
         offset = None

@@ -130,7 +130,7 @@ def teacher_forced_batch(model: LatentContextModel, examples: list[Example], lat
         slots = latents[cursor : cursor + len(ex.passages)]
         cursor += len(ex.passages)
         prompt = decoder.embed(decoder.segments(ex.user_message, slots))
-        target = decoder._ids(ex.target) + [eos]
+        target = decoder.text_ids(ex.target) + [eos]
         tgt = torch.tensor(target, device=prompt.device)
         prompts.append(torch.cat([prompt, decoder.model.get_input_embeddings()(tgt).to(prompt.dtype)]))
         labels.append(torch.cat([torch.full((prompt.shape[0],), -100, device=prompt.device), tgt]))

@@ -62,7 +62,7 @@ def test_expand_changes_what_the_decoder_receives(store, embedder, model):
     assert b.metadata["expanded"] == [top.node.node_id]
     assert [p["mode"] for p in b.metadata["passages"]] == ["text", "latent", "latent"]
     latent_positions = a.metadata["passages"][0]["latent_positions"]
-    text_positions = len(model.decoder._ids(top.node.get_content()))
+    text_positions = len(model.decoder.text_ids(top.node.get_content()))
     assert b.metadata["prompt_positions"] - a.metadata["prompt_positions"] == text_positions - latent_positions
 
 

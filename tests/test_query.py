@@ -26,7 +26,7 @@ def test_expand_and_token_budget(model, passages):
     segs = build_segments(model, question, ps, one)
     assert one.expanded == {1} and [s.latents is None for s in segs if s.latents is not None or s.token_ids]
     assert one.prompt_positions == model.prompt_positions(segs) == model.decoder.embed(segs).shape[0]
-    text_len = len(model.decoder._ids(passages[1]))
+    text_len = len(model.decoder.text_ids(passages[1]))
     assert one.prompt_positions - skim.prompt_positions == text_len - (ps[1].latents.shape[0] + 2)
 
     roomy = plan_prompt(model, question, ps, token_budget=10_000)
