@@ -1,4 +1,5 @@
-"""Benchmarks: compression throughput and decoder time-to-first-token, measured in one run.
+"""Benchmarks: compression throughput, decoder time to first token and query latency against k,
+ingestion throughput and storage, measured in one run.
 
 Results go to JSON and a markdown table; record them in docs/benchmarks.md with date and machine.
 """
@@ -58,6 +59,34 @@ def sample_passages(tokenizer, n: int, tokens: int = 128) -> list[str]:
     return out[:n]
 
 
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import threading
+
+        import psutil
+
+        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak_bytes = 0
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+
 def _timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -86,9 +115,14 @@ def bench_compression(encoder: str, layer_options: list[int | None], ratios: lis
     return rows
 
 
-def bench_ttft(model, ks: list[int], ratios: list[int], repeats: int = 3) -> list[dict]:
-    """Prefill + first token for k passages of 128 tokens: as latents at each ratio vs raw text."""
+def bench_ttft(model, ks: list[int], ratios: list[int], repeats: int = 3, new_tokens: int = 32) -> list[dict]:
+    """k passages of 128 tokens as latents at each ratio vs raw text: time to first token (prefill
+    + one token), end-to-end time for exactly ``new_tokens`` tokens, the decoder's KV-cache size
+    and the process's peak memory."""
     dec = model.decoder
+    lm_config = dec.model.config
+    kv_bytes_per_position = 2 * lm_config.num_hidden_layers * lm_config.num_key_value_heads * (
+        getattr(lm_config, "head_dim", None) or lm_config.hidden_size // lm_config.num_attention_heads) * 4
     passages = sample_passages(model.compressor.tokenizer, max(ks))
     question = "What is the main topic of these passages?"
     latents_by_ratio = {}
@@ -97,15 +131,52 @@ def bench_ttft(model, ks: list[int], ratios: list[int], repeats: int = 3) -> lis
             LatentConfig(**{**model.config.to_dict(), "ratio": ratio}), encoder=model.compressor.encoder, tokenizer=model.compressor.tokenizer
         )
         latents_by_ratio[ratio] = comp.compress(passages)
+
+    def run(segments, tokens: int) -> None:
+        embeds, mask = dec.pad_batch([dec.embed(segments)])
+        dec.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=dec.tokenizer.pad_token_id or dec.tokenizer.eos_token_id)
+
     rows = []
-    for k in ks:
-        modes = [("text", passages[:k])] + [(f"latent 1:{r}", latents_by_ratio[r][:k]) for r in ratios]
-        for mode, slots in modes:
-            segments = dec.qa_segments(question, slots)
-            positions = sum(s.positions for s in segments)
-            seconds = _timed(lambda: dec.generate_from_segments([segments], max_new_tokens=1), repeats)
-            rows.append({"k": k, "mode": mode, "prompt_positions": positions, "ttft_s": round(seconds, 4)})
+    with torch.no_grad():
+        for k in ks:
+            modes = [("text", passages[:k])] + [(f"latent 1:{r}", latents_by_ratio[r][:k]) for r in ratios]
+            for mode, slots in modes:
+                segments = dec.qa_segments(question, slots)
+                positions = sum(s.positions for s in segments)
+                with PeakRSS() as rss:
+                    ttft = _timed(lambda: run(segments, 1), repeats)
+                    total = _timed(lambda: run(segments, new_tokens), max(1, repeats - 1))
+                rows.append({"k": k, "mode": mode, "prompt_positions": positions, "ttft_s": round(ttft, 4),
+                             f"total_{new_tokens}_tokens_s": round(total, 3),
+                             "kv_cache_mb": round((positions + new_tokens) * kv_bytes_per_position / 2**20, 1),
+                             "peak_rss_mb": round(rss.peak_bytes / 2**20)})
     return rows
+
+
+def plot_ttft_vs_k(rows: list[dict], png_path: str | Path) -> None:
+    """Time to first token and end-to-end latency against the number of passages, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total_key = next(k for k in rows[0] if k.startswith("total_"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "ttft_s", "time to first token"), (axes[1], total_key, total_key.replace("_", " ").replace(" s", " (s)"))):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            pts = [(r["k"], r[key]) for r in rows if r["mode"] == mode]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("passages in the prompt (k, 128 tokens each)")
+        ax.set_ylabel("seconds")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -123,10 +194,10 @@ def run_core_benchmark(checkpoint: str | None = None, quick: bool = False, outpu
     model = load_model(checkpoint)
     if quick:
         compression = bench_compression(model.config.encoder, [model.config.encoder_layers], [4], [1, 4], n=8)
-        ttft = bench_ttft(model, [1, 2], [4], repeats=1)
+        ttft = bench_ttft(model, [1, 2], [4], repeats=1, new_tokens=4)
     else:
         compression = bench_compression(model.config.encoder, [None, model.config.encoder_layers], [4, 8, 16], [1, 8, 32], n=64)
-        ttft = bench_ttft(model, [1, 5, 10, 20], [4, 8, 16])
+        ttft = bench_ttft(model, [1, 2, 4, 8, 10, 16, 32], [4, 8, 16])
     result = {"machine": machine_info(), "compression": compression, "ttft": ttft}
     by = {(r["k"], r["mode"]): r["ttft_s"] for r in ttft}
     k_max = max(r["k"] for r in ttft)
@@ -142,8 +213,10 @@ def run_core_benchmark(checkpoint: str | None = None, quick: bool = False, outpu
         Path(output).with_suffix(".md").write_text(
             f"Measured {result['machine']['date']} on {result['machine']['cores']} cores "
             f"({result['machine']['cpu']}, torch {result['machine']['torch']}).\n\n"
-            "### Compression\n\n" + markdown_table(compression) + "\n\n### Time to first token\n\n" + markdown_table(ttft) + "\n"
+            "### Compression\n\n" + markdown_table(compression) + "\n\n### Time to first token and latency against k\n\n"
+            + markdown_table(ttft) + "\n"
         )
+        plot_ttft_vs_k(ttft, Path(output).with_name("ttft_vs_k.png"))
     return result
 
 

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-from lclm_rag.errors import LclmRagError
+from lclm_rag.errors import InputError, LclmRagError
 from lclm_rag.hub import DEFAULT_EMBEDDER
 
 SAMPLE_PASSAGE = (
@@ -105,12 +106,25 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lclm_rag.bench import markdown_table
-    from lclm_rag.eval import run_gold_eval
+    from lclm_rag.eval import GOLD_MODES, RAG_MODES, plot_quality_latency, run_gold_eval, run_rag_eval
     from lclm_rag.model import load_model
 
-    model = load_model(args.checkpoint)
-    result = run_gold_eval(model, args.data, args.modes.split(","), args.limit, seed=args.seed,
-                           max_new_tokens=args.max_new_tokens, output=args.output)
+    checkpoints = args.checkpoint or [None]
+    modes = args.modes.split(",") if args.modes else list(GOLD_MODES if args.gold else RAG_MODES)
+    known = GOLD_MODES if args.gold else RAG_MODES
+    if set(modes) - set(known):
+        raise InputError(f"unknown modes {sorted(set(modes) - set(known))}; choose from {', '.join(known)}")
+    if not Path(args.data).is_file():
+        raise InputError(f"{args.data}: no such file")
+    if args.gold:
+        result = run_gold_eval(load_model(checkpoints[0]), args.data, modes, args.limit, seed=args.seed,
+                               max_new_tokens=args.max_new_tokens, output=args.output)
+    else:
+        result = run_rag_eval(args.data, checkpoints, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
+                              expand=args.expand, max_new_tokens=args.max_new_tokens, workdir=args.workdir,
+                              output=args.output)
+        if args.plot:
+            plot_quality_latency(result, args.plot)
     print(markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result["scores"]]))
     return 0
 
@@ -180,12 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("eval", help="QA on SQuAD-format records with the gold passage (reading quality)")
-    p.add_argument("data", help="JSONL with context, question, answers")
-    p.add_argument("--checkpoint")
-    p.add_argument("--modes", default="none,text-base,text,latent,latent-control",
-                   help="comma-separated: none, text, text-base, latent, latent-control")
-    p.add_argument("--limit", type=int, default=200)
+    p = sub.add_parser("eval", help="RAG quality and cost on SQuAD-format records: compressed vs full text vs LongLLMLingua")
+    p.add_argument("data", help="JSONL with context, question, answers; the distinct contexts become the corpus")
+    p.add_argument("--checkpoint", action="append", help="repeat for each ratio (default: the packaged default)")
+    p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, llmlingua, gold-text, "
+                                   "gold-latent (default all); --gold: none, text, text-base, latent, latent-control")
+    p.add_argument("--gold", action="store_true", help="reading only: each question with its gold passage, batched")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand mode")
+    p.add_argument("--workdir", help="keep the evaluation collections here (re-runs reuse them)")
+    p.add_argument("--plot", help="PNG of quality against time to first token")
+    p.add_argument("--limit", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--output", help="JSON with scores and predictions")

@@ -257,6 +257,8 @@ class LatentDecoder(nn.Module):
                     f"{projector_file}: {key} has shape {tuple(value.shape)} but this encoder/decoder pair needs "
                     f"{tuple(expected[key].shape)} (projector {self.projector.in_features} -> {self.projector.out_features})"
                 )
+        for key in ("latent_shift", "latent_scale"):  # absent from LCLM adapters and uncalibrated projectors
+            state.setdefault(key, expected[key])
         self.projector.load_state_dict(state, strict=True)
         if self.boundary is not None:
             with torch.no_grad():

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lclm_rag.errors import InputError
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
@@ -160,3 +162,267 @@ def restoration_accuracy(model, passages: Sequence[str], control: bool = False) 
     examples = [restoration_example(p) for p in passages]
     _, correct, total = teacher_forced_batch(model, examples, latents)
     return correct / max(total, 1)
+
+
+# ---------------------------------------------------------------------- end-to-end RAG evaluation
+# Every mode answers the same questions with the same retrieval and the same generation budget.
+# Modes that give the decoder text use the *base* decoder (adapters off): that is what a user
+# without lclm-rag runs. Modes that give it latents use the checkpoint's adapted decoder.
+RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "llmlingua", "gold-text", "gold-latent")
+PER_RATIO_MODES = ("latent", "expand", "gold-latent")
+
+
+class FirstTokenTimer:
+    """A ``generate`` streamer that only notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1  # call 1 is the prompt, call 2 the first generated token
+        if self.calls == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+
+class _DecoderTokenCounter:
+    """tiktoken's ``encode``/``decode`` over the decoder's tokenizer, so budgets count decoder positions."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, **_) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+class LongLLMLingua:
+    """LongLLMLingua (``llmlingua`` package) with a local small LM, budgeted in decoder tokens.
+
+    ``PromptCompressor`` counts its budget with tiktoken's GPT-3.5 encoding, which it downloads;
+    here the budget is the *decoder's* token count (the quantity that costs prefill time), so the
+    counter is the decoder tokenizer and nothing is fetched. Settings follow LlamaIndex's
+    ``LongLLMLinguaPostprocessor`` defaults (question-aware coarse ranking, sorted contexts,
+    dynamic ratio 0.3, ``condition_compare``).
+    """
+
+    SETTINGS = dict(rank_method="longllmlingua", condition_in_question="after_condition", reorder_context="sort",
+                    dynamic_context_compression_ratio=0.3, condition_compare=True, context_budget="+100")
+
+    def __init__(self, model_name_or_path: str, decoder_tokenizer) -> None:
+        from llmlingua import PromptCompressor
+
+        from lclm_rag.hub import resolve_model
+
+        compressor = PromptCompressor.__new__(PromptCompressor)  # its __init__ would fetch tiktoken data
+        compressor.model_name, compressor.use_llmlingua2, compressor.open_api_config = str(model_name_or_path), False, {}
+        compressor.retrieval_model = compressor.retrieval_model_name = None
+        compressor.cache_bos_num, compressor.prefix_bos_num = 10, 100
+        compressor.oai_tokenizer = _DecoderTokenCounter(decoder_tokenizer)
+        compressor.load_model(resolve_model(model_name_or_path), "cpu", {})
+        self.compressor = compressor
+
+    def compress(self, question: str, texts: Sequence[str], target_tokens: int) -> str:
+        result = self.compressor.compress_prompt(list(texts), question=question, target_token=target_tokens,
+                                                 concate_question=False, **self.SETTINGS)
+        return result["compressed_prompt"]
+
+
+def corpus_documents(records: Sequence[dict]):
+    """One LlamaIndex ``Document`` per distinct context; ids are content hashes (stable across runs)."""
+    from llama_index.core import Document
+
+    return [Document(text=c, id_=_doc_id(c)) for c in sorted({r["context"] for r in records})]
+
+
+def _doc_id(context: str) -> str:
+    import hashlib
+
+    return "ctx-" + hashlib.sha1(context.encode()).hexdigest()[:16]
+
+
+def _check_records(records: Sequence[dict], path) -> None:
+    for i, r in enumerate(records):
+        missing = [k for k in ("context", "question", "answers") if k not in r]
+        if missing or not r.get("answers"):
+            raise InputError(f"{path}: record {i} needs context, question and non-empty answers (missing {missing or ['answers']})")
+
+
+def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
+                 seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str = "lexical", max_new_tokens: int = 32,
+                 workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """Ingest the distinct contexts of ``data`` into a fresh collection per checkpoint, then answer a
+    fixed sample of its questions in every mode through the query engine.
+
+    ``checkpoints``: one per ratio (e.g. the 1:4 and 1:8 defaults), each a checkpoint name or
+    path, ``None`` (the packaged default) or a loaded ``LatentContextModel``; the first also sets
+    the LongLLMLingua budget (its latent positions for the same retrieved passages) and provides
+    the base decoder. Returns (and writes to ``output``) scores, predictions and the machine.
+    """
+    import contextlib
+    import tempfile
+
+    from llama_index.core.schema import QueryBundle
+    from tqdm import tqdm
+
+    from lclm_rag.bench import PeakRSS, machine_info
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.hub import DEFAULT_EMBEDDER
+    from lclm_rag.ingest import Ingestor
+    from lclm_rag.integrations.llama_index import LatentQueryEngine, LatentRetriever
+    from lclm_rag.model import LatentContextModel, load_model
+    from lclm_rag.store import LatentStore
+
+    unknown = set(modes) - set(RAG_MODES)
+    if unknown:
+        raise InputError(f"unknown modes {sorted(unknown)}; choose from {RAG_MODES}")
+    if not checkpoints:
+        raise InputError("at least one checkpoint is needed")
+    all_records = load_jsonl(data)
+    _check_records(all_records, data)
+    records = random.Random(seed).sample(all_records, min(limit, len(all_records)))
+    documents = corpus_documents(all_records)
+    temp = None if workdir else tempfile.TemporaryDirectory(prefix="lclm-rag-eval-")
+    workdir = Path(workdir or temp.name)
+    embed = Embedder(embedder or DEFAULT_EMBEDDER)
+
+    setups = []  # (label, model, engine-building retriever, store)
+    for checkpoint in checkpoints:
+        model = checkpoint if isinstance(checkpoint, LatentContextModel) else load_model(checkpoint)
+        name = f"eval-{model.fingerprint()[:12]}-r{model.config.ratio}"
+        store = LatentStore.open(name, path=workdir / name)  # the embedded engine locks its directory
+        report = Ingestor(store, model.compressor, embed).ingest_documents(documents, progress=progress)
+        retriever = LatentRetriever(store, embed, similarity_top_k=top_k)
+        setups.append({"label": f"1:{model.config.ratio}", "model": model, "store": store, "retriever": retriever,
+                       "ingested": report.summary()})
+    main = setups[0]
+    base_model = main["model"]  # its decoder with adapters disabled is "the base decoder"
+
+    def base_decoder():
+        lm = base_model.decoder.model
+        return lm.disable_adapter() if hasattr(lm, "disable_adapter") else contextlib.nullcontext()
+
+    def engine(setup, expand_n):
+        return LatentQueryEngine(setup["retriever"], setup["model"], expand=expand_n, expand_policy=expand_policy,
+                                 max_new_tokens=max_new_tokens)
+
+    def via_engine(eng, question):
+        """Ask through LatentQueryEngine, timing the first new token with a streamer."""
+        timer = FirstTokenTimer()
+        eng.generate_kwargs["streamer"] = timer
+        start = time.perf_counter()
+        response = eng.query(question)
+        end = time.perf_counter()
+        docs = [n.node.metadata.get("doc_id") for n in response.source_nodes]
+        return str(response), start, timer.first, end, response.metadata["prompt_positions"], docs
+
+    def direct(model, question, slots, start=None):
+        timer = FirstTokenTimer()
+        start = start or time.perf_counter()
+        segments = model.decoder.qa_segments(question, slots)
+        text = model.decoder.generate_from_segments([segments], max_new_tokens=max_new_tokens, streamer=timer)[0]
+        return text, start, timer.first, time.perf_counter(), model.prompt_positions(segments), None
+
+    lingua = None
+    jobs = []  # (mode label, per-question function, context manager)
+    for mode in modes:
+        targets = setups if mode in PER_RATIO_MODES else [main]
+        for setup in targets:
+            if mode == "none":
+                jobs.append(("none", lambda r: direct(base_model, r["question"], []), base_decoder))
+            elif mode == "text":
+                jobs.append((f"text top-{top_k}", lambda r, e=engine(main, top_k): via_engine(e, r["question"]), base_decoder))
+            elif mode == "text-adapted":
+                jobs.append((f"text top-{top_k} (adapted decoder)", lambda r, e=engine(main, top_k): via_engine(e, r["question"]),
+                             contextlib.nullcontext))
+            elif mode == "latent":
+                jobs.append((f"latent {setup['label']} top-{top_k}", lambda r, e=engine(setup, 0): via_engine(e, r["question"]),
+                             contextlib.nullcontext))
+            elif mode == "expand":
+                jobs.append((f"expand {expand} of {top_k} @{setup['label']}", lambda r, e=engine(setup, expand): via_engine(e, r["question"]),
+                             contextlib.nullcontext))
+            elif mode == "gold-latent":
+                def gold_latent(r, s=setup):
+                    start = time.perf_counter()
+                    ids = s["store"].ids_of_doc(_doc_id(r["context"]))
+                    stored = sorted(s["store"].retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])
+                    return direct(s["model"], r["question"], [p.latents for p in stored], start)
+                jobs.append((f"gold latent {setup['label']}", gold_latent, contextlib.nullcontext))
+            elif mode == "gold-text":
+                jobs.append(("gold text", lambda r: direct(base_model, r["question"], [r["context"]]), base_decoder))
+            elif mode == "llmlingua":
+                if lingua is None:
+                    lingua = LongLLMLingua(base_model.config.decoder, base_model.decoder.tokenizer)
+
+                def llmlingua(r):
+                    start = time.perf_counter()
+                    nodes = main["retriever"].retrieve(QueryBundle(r["question"]))
+                    budget = sum(main["retriever"].cache.get(n.node.node_id)[0].shape[0] for n in nodes)
+                    compressed = lingua.compress(r["question"], [n.node.get_content() for n in nodes], budget)
+                    out = direct(base_model, r["question"], [compressed], start)
+                    return (*out[:5], [n.node.metadata.get("doc_id") for n in nodes])
+                jobs.append((f"LongLLMLingua top-{top_k} @{main['label']} budget", llmlingua, base_decoder))
+
+    result = {"data": str(data), "n": len(records), "corpus_passages": {s["label"]: s["store"].count() for s in setups},
+              "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy, "max_new_tokens": max_new_tokens,
+              "checkpoints": [s["model"].fingerprint() for s in setups], "ingested": {s["label"]: s["ingested"] for s in setups}, "machine": machine_info(), "scores": [], "predictions": {}}
+    for label, ask, context in jobs:
+        preds, ttft, total, positions, hits = [], [], [], [], []
+        with PeakRSS() as rss, context():
+            for r in tqdm(records, desc=label, disable=not progress):
+                text, start, first, end, n_positions, docs = ask(r)
+                preds.append(text)
+                ttft.append(first - start)
+                total.append(end - start)
+                positions.append(n_positions)
+                if docs is not None:
+                    hits.append(float(_doc_id(r["context"]) in docs))
+        scores = score_predictions(label, preds, records, sum(total)).as_dict()
+        scores.update(recall_at_k=sum(hits) / len(hits) if hits else None, prompt_positions=sum(positions) / len(positions),
+                      ttft_s=sum(ttft) / len(ttft), total_s=sum(total) / len(total), peak_rss_mb=rss.peak_bytes / 2**20)
+        del scores["seconds_per_question"]
+        result["scores"].append(scores)
+        result["predictions"][label] = preds
+        if output:  # partial results survive an interrupted run
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(result, indent=2))
+    for s in setups:
+        s["store"].close()
+    if temp is not None:
+        temp.cleanup()
+    return result
+
+
+def plot_quality_latency(result: dict, png_path: str | Path, metric: str = "f1") -> None:
+    """Quality against time to first token, one point per mode, with the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["scores"], key=lambda r: r["ttft_s"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["ttft_s"], r[metric], s=30)
+        ax.annotate(r["mode"], (r["ttft_s"], r[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front, best = [], -1.0
+    for r in rows:  # fastest first: a point is on the front if nothing faster is at least as good
+        if r[metric] > best:
+            front.append(r)
+            best = r[metric]
+    ax.plot([r["ttft_s"] for r in front], [r[metric] for r in front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel("time to first token per question (s)")
+    ax.set_ylabel({"f1": "SQuAD F1", "exact_match": "exact match", "answer_contained": "answer contained"}.get(metric, metric))
+    ax.set_title(f"{Path(result['data']).name}: {result['n']} questions, top-{result['top_k']}, {result['max_new_tokens']} new tokens",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

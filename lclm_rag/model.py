@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-
-import logging
 
 from lclm_rag.checkpoint import DEFAULT_CHECKPOINT, LCLM_ADAPTER, is_lclm_layout, load_config, packaged_checkpoints, resolve_checkpoint
 from lclm_rag.compressor import LatentCompressor
@@ -34,10 +34,16 @@ class LatentContextModel(nn.Module):
         return cls(config)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT) -> "LatentContextModel":
-        """Load a checkpoint directory (ours or LCLM's layout) or a packaged checkpoint by name."""
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT, **overrides: Any) -> "LatentContextModel":
+        """Load a checkpoint directory (ours or LCLM's layout) or a packaged checkpoint by name.
+
+        ``overrides`` replace config fields before the weights load, e.g. ``ratio=8`` to start a
+        1:8 model from a 1:4 one (mean pooling has no ratio-shaped weights).
+        """
         directory = resolve_checkpoint(name_or_path)
         config = load_config(directory)
+        if overrides:
+            config = LatentConfig.from_dict({**config.to_dict(), **overrides})
         model = cls(config)
         if is_lclm_layout(directory):
             model.decoder.load_trained(directory, projector_file=LCLM_ADAPTER)

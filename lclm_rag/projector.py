@@ -2,6 +2,13 @@
 
 RMSNorm -> Linear -> GELU -> Linear, as LCLM's adapter (parameter names ``norm``, ``fc1``,
 ``fc2`` match its ``adapter.safetensors``, so published weights load as they are).
+
+Before the RMSNorm, latents are standardised per channel with statistics measured once on
+training passages (:meth:`Projector.calibrate`). Hidden states of LLaMA-style LMs carry a few
+huge, nearly constant channels ("massive activations"); left in, they dominate the RMSNorm and
+every latent looks alike (mean pairwise cosine 0.72 for SmolLM2's 4th layer, 0.00 once
+centred), so the decoder gets almost no signal to read. The statistics are buffers that default
+to the identity, so an adapter trained without them (LCLM's) loads and behaves unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +33,21 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.bias)
+        self.register_buffer("latent_shift", torch.zeros(in_features))  # per-channel mean
+        self.register_buffer("latent_scale", torch.ones(in_features))  # per-channel std
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.latent_shift.any() or (self.latent_scale != 1).any())
+
+    @torch.no_grad()
+    def calibrate(self, latents: torch.Tensor, min_scale: float = 1e-3) -> None:
+        """Set the per-channel standardisation from a sample of latents (N x in_features)."""
+        if latents.dim() != 2 or latents.shape[1] != self.in_features or latents.shape[0] < 2:
+            raise ConfigError(f"calibration needs at least 2 latents of width {self.in_features}, got {tuple(latents.shape)}")
+        latents = latents.to(self.latent_shift)
+        self.latent_shift.copy_(latents.mean(0))
+        self.latent_scale.copy_(latents.std(0).clamp(min=min_scale))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.shape[-1] != self.in_features:
@@ -33,4 +55,5 @@ class Projector(nn.Module):
                 f"latents have width {latents.shape[-1]} but the projector expects {self.in_features}: "
                 "they come from a different encoder than this model's"
             )
-        return self.fc2(self.act(self.fc1(self.norm(latents))))
+        standardised = (latents - self.latent_shift) / self.latent_scale
+        return self.fc2(self.act(self.fc1(self.norm(standardised))))

@@ -61,7 +61,8 @@ class TrainConfig:
     output_dir: str  # checkpoints, log.jsonl, curves.png, final/
     stages: list[StageConfig]
     model: dict[str, Any] = field(default_factory=dict)  # LatentConfig fields for a fresh model
-    init_from: str | None = None  # or start from this checkpoint
+    init_from: str | None = None  # or start from this checkpoint (then `model` holds overrides, e.g. {"ratio": 8})
+    calibration_passages: int = 256  # training passages that set the projector's latent standardisation (0: off)
     corpus: list[str] = field(default_factory=list)  # JSONL {"text"} files for restoration/continuation
     qa_data: list[str] = field(default_factory=list)  # JSONL {"context","question","answers"} for qa
     chunk_tokens: int = 64  # passage length for restoration/continuation
@@ -228,6 +229,18 @@ class ExampleSource:
 
 
 # ---------------------------------------------------------------------- checkpoints
+@torch.no_grad()
+def _calibrate(model: LatentContextModel, source: "ExampleSource", count: int, seed: int) -> None:
+    """Standardise the projector's input with latent statistics of (the same, seeded) training passages."""
+    pool = source.chunks or source.qa_pool
+    if not pool:
+        raise ConfigError("calibration needs training passages: set corpus or qa_data, or calibration_passages=0")
+    sample = random.Random(f"{seed}-calibration").sample(pool, min(count, len(pool)))
+    latents = model.compressor.compress(sample)
+    model.decoder.projector.calibrate(torch.cat(latents))
+    logger.info("projector calibrated on %d latents of %d passages", sum(len(z) for z in latents), len(sample))
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -294,9 +307,14 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             rows = [r for r in load_jsonl(out / "log.jsonl") if r["global_step"] <= state["global_step"]]
             (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        model = LatentContextModel.from_pretrained(cfg.init_from) if cfg.init_from else LatentContextModel.from_config(LatentConfig(**cfg.model))
+        if cfg.init_from:
+            model = LatentContextModel.from_pretrained(cfg.init_from, **cfg.model)
+        else:
+            model = LatentContextModel.from_config(LatentConfig(**cfg.model))
         state = {"stage": 0, "step": 0, "global_step": 0, "elapsed": 0.0}
     source = ExampleSource(cfg, model)
+    if resume is None and cfg.calibration_passages and not model.decoder.projector.calibrated:
+        _calibrate(model, source, cfg.calibration_passages, cfg.seed)
     wrapper = TrainingModule(model)
     log_path = out / "log.jsonl"
     steps_this_call = 0

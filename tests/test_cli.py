@@ -13,3 +13,11 @@ def test_demo_runs_offline():
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "neither a directory nor a packaged checkpoint" in res.stderr
+
+
+def test_eval_rejects_unknown_modes_and_missing_data(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl"), "--modes", "latent,oracle"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "unknown modes ['oracle']" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "no such file" in res.stderr

@@ -1,6 +1,13 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from lclm_rag.eval import answer_contained, evaluate_gold_passage, exact_match, f1_score, normalize_answer, restoration_accuracy
+from lclm_rag.errors import InputError
+from lclm_rag.eval import (RAG_MODES, answer_contained, evaluate_gold_passage, exact_match, f1_score, normalize_answer,
+                           plot_quality_latency, restoration_accuracy, run_rag_eval)
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 RECORDS = [
     {"context": "The Eiffel Tower is named after the engineer Gustave Eiffel.", "question": "Who is the Eiffel Tower named after?", "answers": ["Gustave Eiffel"]},
@@ -30,3 +37,52 @@ def test_gold_passage_modes_and_restoration_control(model):
     acc = restoration_accuracy(model, [r["context"] for r in RECORDS])
     control = restoration_accuracy(model, [r["context"] for r in RECORDS], control=True)
     assert 0.0 <= acc <= 1.0 and 0.0 <= control <= 1.0
+
+
+@pytest.fixture(scope="session")
+def model_r8(make_compressor, decoder_parts):
+    from lclm_rag.decoder import LatentDecoder
+    from lclm_rag.model import LatentContextModel
+
+    compressor = make_compressor(ratio=8)
+    decoder = LatentDecoder(compressor.config, model=decoder_parts[0], tokenizer=decoder_parts[1])
+    return LatentContextModel(compressor.config, compressor=compressor, decoder=decoder).eval()
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_rag_eval_runs_every_mode_on_the_same_questions_and_retrieval(tmp_path, model, model_r8):
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:200:25]]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "eval.json"
+    result = run_rag_eval(data, [model, model_r8], RAG_MODES, limit=3, seed=1, top_k=2, max_new_tokens=3,
+                          workdir=tmp_path / "work", output=out, progress=False)
+    rows = {r["mode"]: r for r in result["scores"]}
+    assert list(rows) == ["none", "text top-2", "text top-2 (adapted decoder)", "latent 1:4 top-2", "latent 1:8 top-2",
+                          "expand 1 of 2 @1:4", "expand 1 of 2 @1:8", "LongLLMLingua top-2 @1:4 budget", "gold text",
+                          "gold latent 1:4", "gold latent 1:8"]
+    assert all(r["n"] == 3 and 0 < r["ttft_s"] <= r["total_s"] and r["peak_rss_mb"] > 100 for r in rows.values())
+    assert all(len(p) == 3 for p in result["predictions"].values())
+    recalls = {r["recall_at_k"] for m, r in rows.items() if m not in ("none", "gold text") and not m.startswith("gold latent")}
+    assert len(recalls) == 1 and 0.0 <= recalls.pop() <= 1.0  # one retrieval for every retrieval mode
+    text, r4, r8 = rows["text top-2"]["prompt_positions"], rows["latent 1:4 top-2"]["prompt_positions"], rows["latent 1:8 top-2"]["prompt_positions"]
+    assert rows["none"]["prompt_positions"] < r8 < r4 < rows["expand 1 of 2 @1:4"]["prompt_positions"] < text
+    assert rows["LongLLMLingua top-2 @1:4 budget"]["prompt_positions"] < text
+    assert rows["gold latent 1:4"]["prompt_positions"] < rows["gold text"]["prompt_positions"]
+    assert json.loads(out.read_text())["scores"] == result["scores"]
+    assert result["corpus_passages"]["1:4"] == result["corpus_passages"]["1:8"] >= len({r["context"] for r in records})
+    plot_quality_latency(result, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    # a re-run reuses the collections in workdir: nothing is ingested again
+    again = run_rag_eval(data, [model], ["latent"], limit=3, seed=1, top_k=2, max_new_tokens=3, workdir=tmp_path / "work", progress=False)
+    assert "written 0" in again["ingested"]["1:4"]
+    assert again["predictions"]["latent 1:4 top-2"] == result["predictions"]["latent 1:4 top-2"]
+
+
+def test_rag_eval_errors(tmp_path, model):
+    with pytest.raises(InputError, match="unknown modes"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["oracle"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "c", "question": "q"}) + "\n")
+    with pytest.raises(InputError, match="record 0 needs context, question and non-empty answers"):
+        run_rag_eval(bad, [model], ["none"])

@@ -99,3 +99,18 @@ def test_config_errors(tmp_path, tiny_models):
     raw["stages"][0]["name"] = "pretraining"
     with pytest.raises(ConfigError, match="stage name"):
         TrainConfig.from_dict(raw)
+
+
+def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ratio(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "cal", steps=(2, 1))))
+    model = LatentContextModel.from_pretrained(final)
+    assert model.decoder.projector.calibrated  # saved with the checkpoint
+    cfg = json.loads(_config(tmp_path, tiny_models, "r8", steps=(1, 1)).read_text())
+    cfg.update(init_from=str(final), model={"ratio": 8})
+    path = tmp_path / "r8.json"
+    path.write_text(json.dumps(cfg))
+    r8 = LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+    assert r8.config.ratio == 8 and r8.fingerprint() != model.fingerprint()
+    # the r4 statistics are kept (the projector was trained on them), not re-measured
+    torch.testing.assert_close(r8.decoder.projector.latent_shift, model.decoder.projector.latent_shift)
+    assert r8.compress(["one two three four five six seven eight nine"])[0].shape[0] == 2
