@@ -125,7 +125,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               output=args.output)
         if args.plot:
             plot_quality_latency(result, args.plot)
-    print(markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result["scores"]]))
+    table = markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result["scores"]])
+    if args.output:
+        machine = result.get("machine") or {}
+        header = f"{result['n']} questions of {args.data}, seed {args.seed}" + (f", measured {machine['date']} on {machine['cores']} cores" if machine else "")
+        Path(args.output).with_suffix(".md").write_text(header + "\n\n" + table + "\n")
+    print(table)
     return 0
 
 

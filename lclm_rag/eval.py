@@ -292,7 +292,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     workdir = Path(workdir or temp.name)
     embed = Embedder(embedder or DEFAULT_EMBEDDER)
 
-    setups = []  # (label, model, engine-building retriever, store)
+    setups = []  # one per checkpoint: label, model, its collection and a retriever over it
     for checkpoint in checkpoints:
         model = checkpoint if isinstance(checkpoint, LatentContextModel) else load_model(checkpoint)
         name = f"eval-{model.fingerprint()[:12]}-r{model.config.ratio}"
@@ -361,6 +361,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
                     lingua = LongLLMLingua(base_model.config.decoder, base_model.decoder.tokenizer)
 
                 def llmlingua(r):
+                    """Same retrieval; the texts pruned to as many decoder tokens as the latents take."""
                     start = time.perf_counter()
                     nodes = main["retriever"].retrieve(QueryBundle(r["question"]))
                     budget = sum(main["retriever"].cache.get(n.node.node_id)[0].shape[0] for n in nodes)
@@ -371,10 +372,12 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
 
     result = {"data": str(data), "n": len(records), "corpus_passages": {s["label"]: s["store"].count() for s in setups},
               "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy, "max_new_tokens": max_new_tokens,
-              "checkpoints": [s["model"].fingerprint() for s in setups], "ingested": {s["label"]: s["ingested"] for s in setups}, "machine": machine_info(), "scores": [], "predictions": {}}
+              "checkpoints": {s["label"]: s["model"].fingerprint() for s in setups},
+              "ingested": {s["label"]: s["ingested"] for s in setups}, "machine": machine_info(), "scores": [], "predictions": {}}
     for label, ask, context in jobs:
         preds, ttft, total, positions, hits = [], [], [], [], []
         with PeakRSS() as rss, context():
+            ask(records[0])  # warm-up, not scored: one-time allocations and lazy initialisation
             for r in tqdm(records, desc=label, disable=not progress):
                 text, start, first, end, n_positions, docs = ask(r)
                 preds.append(text)

@@ -62,7 +62,7 @@ class TrainConfig:
     stages: list[StageConfig]
     model: dict[str, Any] = field(default_factory=dict)  # LatentConfig fields for a fresh model
     init_from: str | None = None  # or start from this checkpoint (then `model` holds overrides, e.g. {"ratio": 8})
-    calibration_passages: int = 256  # training passages that set the projector's latent standardisation (0: off)
+    calibration_passages: int = 256  # training passages that set a fresh projector's latent standardisation (0: off)
     corpus: list[str] = field(default_factory=list)  # JSONL {"text"} files for restoration/continuation
     qa_data: list[str] = field(default_factory=list)  # JSONL {"context","question","answers"} for qa
     chunk_tokens: int = 64  # passage length for restoration/continuation
@@ -313,7 +313,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             model = LatentContextModel.from_config(LatentConfig(**cfg.model))
         state = {"stage": 0, "step": 0, "global_step": 0, "elapsed": 0.0}
     source = ExampleSource(cfg, model)
-    if resume is None and cfg.calibration_passages and not model.decoder.projector.calibrated:
+    if resume is None and not cfg.init_from and cfg.calibration_passages:  # a trained projector keeps its statistics
         _calibrate(model, source, cfg.calibration_passages, cfg.seed)
     wrapper = TrainingModule(model)
     log_path = out / "log.jsonl"

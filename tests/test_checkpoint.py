@@ -136,3 +136,18 @@ def test_lclm_checkpoint_errors(tmp_path, smol_path):
     (tmp_path / "adapter" / "adapter.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing adapter/adapter.safetensors"):
         LatentContextModel.from_pretrained(tmp_path)
+
+
+def test_packaged_checkpoints_load_at_their_ratio():
+    from lclm_rag.checkpoint import packaged_checkpoints
+
+    packaged = packaged_checkpoints()
+    assert {"smollm2-135m-r4", "smollm2-135m-r8"} <= set(packaged)
+    text = "The Eiffel Tower is named after the engineer Gustave Eiffel, whose company designed and built it."
+    for name, ratio in (("smollm2-135m-r4", 4), ("smollm2-135m-r8", 8)):
+        size = sum(p.stat().st_size for p in packaged[name].rglob("*") if p.is_file())
+        assert size < 25 * 2**20, f"{name} ships {size / 2**20:.1f} MB"
+        model = LatentContextModel.from_pretrained(name)
+        assert model.config.ratio == ratio
+        tokens = len(model.compressor.tokenize([text])[0])
+        assert model.compress([text])[0].shape == (math.ceil(tokens / ratio), 576)
