@@ -7,8 +7,10 @@ Before the RMSNorm, latents are standardised per channel with statistics measure
 training passages (:meth:`Projector.calibrate`). Hidden states of LLaMA-style LMs carry a few
 huge, nearly constant channels ("massive activations"); left in, they dominate the RMSNorm and
 every latent looks alike (mean pairwise cosine 0.72 for SmolLM2's 4th layer, 0.00 once
-centred), so the decoder gets almost no signal to read. The statistics are buffers that default
-to the identity, so an adapter trained without them (LCLM's) loads and behaves unchanged.
+centred), and the informative channels reach the decoder scaled down. Standardising fixes that
+geometry (its effect on training speed is measured in docs/architecture_search.md). The
+statistics are buffers that default to the identity, so an adapter trained without them (LCLM's)
+loads and behaves unchanged.
 """
 
 from __future__ import annotations
