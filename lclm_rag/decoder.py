@@ -191,13 +191,18 @@ class LatentDecoder(nn.Module):
         temperature: float = 0.7,
         top_p: float = 0.9,
         streamer=None,
+        min_new_tokens: int = 0,
     ) -> list[str]:
-        """Decode a batch of prompts; returns only the new text of each."""
+        """Decode a batch of prompts; returns only the new text of each.
+
+        ``min_new_tokens`` suppresses EOS until then (benchmarks time a fixed answer length).
+        """
         embeds, mask = self.pad_batch([self.embed(p) for p in prompts])
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
             streamer=streamer,
+            min_new_tokens=min_new_tokens,
             **self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p),
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -124,18 +124,28 @@ def qa_example(model: LatentContextModel, record: dict, pool: list[str], distrac
 def teacher_forced_batch(model: LatentContextModel, examples: list[Example], latents: list[torch.Tensor]):
     """Loss (mean over examples of the per-token loss on the target), correct and total tokens."""
     decoder = model.decoder
-    eos = decoder.tokenizer.eos_token_id
-    prompts, labels = [], []
+    prompts, targets = [], []
     cursor = 0
     for ex in examples:
         slots = latents[cursor : cursor + len(ex.passages)]
         cursor += len(ex.passages)
-        prompt = decoder.embed(decoder.segments(ex.user_message, slots))
-        target = decoder.text_ids(ex.target) + [eos]
-        tgt = torch.tensor(target, device=prompt.device)
-        prompts.append(torch.cat([prompt, decoder.model.get_input_embeddings()(tgt).to(prompt.dtype)]))
+        prompts.append(decoder.embed(decoder.segments(ex.user_message, slots)))
+        targets.append(ex.target)
+    return teacher_forced_loss(decoder, prompts, targets)
+
+
+def teacher_forced_loss(decoder, prompts: list[torch.Tensor], targets: list[str]):
+    """Teacher forcing of each target text (+ EOS) after its prompt embeddings; loss on the target only.
+
+    Returns the mean over examples of the per-token loss, and correct and total target tokens.
+    """
+    eos = decoder.tokenizer.eos_token_id
+    inputs, labels = [], []
+    for prompt, target in zip(prompts, targets, strict=True):
+        tgt = torch.tensor(decoder.text_ids(target) + [eos], device=prompt.device)
+        inputs.append(torch.cat([prompt, decoder.model.get_input_embeddings()(tgt).to(prompt.dtype)]))
         labels.append(torch.cat([torch.full((prompt.shape[0],), -100, device=prompt.device), tgt]))
-    embeds, mask = decoder.pad_batch(prompts, side="right")
+    embeds, mask = decoder.pad_batch(inputs, side="right")
     label_batch = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
     for i, lab in enumerate(labels):
         label_batch[i, : lab.shape[0]] = lab

@@ -28,7 +28,7 @@ from torch import nn
 from lclm_rag.chunking import chunk_text
 from lclm_rag.config import LatentConfig
 from lclm_rag.model import LatentContextModel
-from lclm_rag.train import restoration_example, set_trainable, teacher_forced_batch
+from lclm_rag.train import restoration_example, set_trainable, teacher_forced_batch, teacher_forced_loss
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared/data/corpus/wiki_summaries.jsonl"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -38,22 +38,8 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
 def plain_batch(model: LatentContextModel, texts: list[str], slots: list[torch.Tensor]):
     """Loss, correct, total for [boundary, projected latents, boundary] + passage, no template."""
     dec = model.decoder
-    table, eos = dec.model.get_input_embeddings(), dec.tokenizer.eos_token_id
-    prompts, labels = [], []
-    for text, latents in zip(texts, slots):
-        ids = torch.tensor(dec.text_ids(text) + [eos])
-        prefix = torch.cat([dec.boundary[0:1], dec.projector(latents), dec.boundary[1:2]])
-        prompts.append(torch.cat([prefix, table(ids)]))
-        labels.append(torch.cat([torch.full((prefix.shape[0],), -100), ids]))
-    embeds, mask = dec.pad_batch(prompts, side="right")
-    label_batch = torch.full(mask.shape, -100)
-    for i, lab in enumerate(labels):
-        label_batch[i, : lab.shape[0]] = lab
-    logits = dec.model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
-    gold = label_batch[:, 1:]
-    valid = gold != -100
-    loss = nn.functional.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100)
-    return loss, ((logits.argmax(-1) == gold) & valid).sum().item(), valid.sum().item()
+    prompts = [torch.cat([dec.boundary[0:1], dec.projector(latents), dec.boundary[1:2]]) for latents in slots]
+    return teacher_forced_loss(dec, prompts, texts)
 
 
 def group_embedding_targets(model: LatentContextModel, texts: list[str], ratio: int) -> list[torch.Tensor]:
