@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = run_rag_eval(args.data, checkpoints, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
                               expand=args.expand, max_new_tokens=args.max_new_tokens, workdir=args.workdir,
-                              output=args.output)
+                              output=args.output, resume=args.resume)
         if args.plot:
             plot_quality_latency(result, args.plot)
     table = markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result["scores"]])
@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--output", help="JSON with scores and predictions")
+    p.add_argument("--output", help="JSON with scores and predictions (rewritten as the run goes)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --output")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")

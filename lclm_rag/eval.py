@@ -256,7 +256,7 @@ def _check_records(records: Sequence[dict], path) -> None:
 def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
                  seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str = "lexical", max_new_tokens: int = 32,
                  workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
-                 progress: bool = True) -> dict:
+                 resume: bool = False, save_every: int = 20, progress: bool = True) -> dict:
     """Ingest the distinct contexts of ``data`` into a fresh collection per checkpoint, then answer a
     fixed sample of its questions in every mode through the query engine.
 
@@ -264,6 +264,11 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     path, ``None`` (the packaged default) or a loaded ``LatentContextModel``; the first also sets
     the LongLLMLingua budget (its latent positions for the same retrieved passages) and provides
     the base decoder. Returns (and writes to ``output``) scores, predictions and the machine.
+
+    ``output`` is rewritten after every mode and every ``save_every`` questions; with ``resume`` a
+    run that stopped (a 500-question run takes hours on a CPU) continues from it: finished modes
+    are kept, a half-done mode goes on from its next question. Resuming needs the same data, sample,
+    settings and checkpoints, otherwise nothing is overwritten and an error says what differs.
     """
     import contextlib
     import tempfile
@@ -284,6 +289,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
         raise InputError(f"unknown modes {sorted(unknown)}; choose from {RAG_MODES}")
     if not checkpoints:
         raise InputError("at least one checkpoint is needed")
+    if resume and not output:
+        raise InputError("resume continues the run saved in output: give the output path")
     all_records = load_jsonl(data)
     _check_records(all_records, data)
     records = random.Random(seed).sample(all_records, min(limit, len(all_records)))
@@ -373,33 +380,65 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     result = {"data": str(data), "n": len(records), "corpus_passages": {s["label"]: s["store"].count() for s in setups},
               "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy, "max_new_tokens": max_new_tokens,
               "checkpoints": {s["label"]: s["model"].fingerprint() for s in setups},
-              "ingested": {s["label"]: s["ingested"] for s in setups}, "machine": machine_info(), "scores": [], "predictions": {}}
-    for label, ask, context in jobs:
-        preds, ttft, total, positions, hits = [], [], [], [], []
-        with PeakRSS() as rss, context():
-            ask(records[0])  # warm-up, not scored: one-time allocations and lazy initialisation
-            for r in tqdm(records, desc=label, disable=not progress):
-                text, start, first, end, n_positions, docs = ask(r)
-                preds.append(text)
-                ttft.append(first - start)
-                total.append(end - start)
-                positions.append(n_positions)
-                if docs is not None:
-                    hits.append(float(_doc_id(r["context"]) in docs))
-        scores = score_predictions(label, preds, records, sum(total)).as_dict()
-        scores.update(recall_at_k=sum(hits) / len(hits) if hits else None, prompt_positions=sum(positions) / len(positions),
-                      ttft_s=sum(ttft) / len(ttft), total_s=sum(total) / len(total), peak_rss_mb=rss.peak_bytes / 2**20)
-        del scores["seconds_per_question"]
-        result["scores"].append(scores)
-        result["predictions"][label] = preds
-        if output:  # partial results survive an interrupted run
+              "ingested": {s["label"]: s["ingested"] for s in setups}, "machine": machine_info(), "scores": [], "predictions": {},
+              "partial": {}}
+    if resume and output and Path(output).exists():
+        result = _resumable(json.loads(Path(output).read_text()), result, output)
+
+    def save() -> None:
+        if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(result, indent=2))
+
+    for label, ask, context in jobs:
+        if label in result["predictions"]:
+            continue  # finished in an earlier run
+        # per-question columns, continued from an interrupted run if there is one
+        done = result["partial"].setdefault(label, {"preds": [], "ttft": [], "total": [], "positions": [], "hits": [], "peak_rss_mb": 0.0})
+        with PeakRSS() as rss, context():
+            ask(records[0])  # warm-up, not scored: one-time allocations and lazy initialisation
+            todo = records[len(done["preds"]):]
+            for r in tqdm(todo, desc=label, disable=not progress, initial=len(done["preds"]), total=len(records)):
+                text, start, first, end, n_positions, docs = ask(r)
+                done["preds"].append(text)
+                done["ttft"].append(first - start)
+                done["total"].append(end - start)
+                done["positions"].append(n_positions)
+                if docs is not None:
+                    done["hits"].append(float(_doc_id(r["context"]) in docs))
+                if len(done["preds"]) % save_every == 0:
+                    done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
+                    save()
+        done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
+        ttft, total, positions, hits = done["ttft"], done["total"], done["positions"], done["hits"]
+        scores = score_predictions(label, done["preds"], records, sum(total)).as_dict()
+        scores.update(recall_at_k=sum(hits) / len(hits) if hits else None, prompt_positions=sum(positions) / len(positions),
+                      ttft_s=sum(ttft) / len(ttft), total_s=sum(total) / len(total), peak_rss_mb=done["peak_rss_mb"])
+        del scores["seconds_per_question"]
+        result["scores"].append(scores)
+        result["predictions"][label] = done["preds"]
+        del result["partial"][label]
+        save()
     for s in setups:
         s["store"].close()
     if temp is not None:
         temp.cleanup()
     return result
+
+
+_RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "expand_policy", "max_new_tokens", "checkpoints")
+
+
+def _resumable(previous: dict, fresh: dict, output) -> dict:
+    """The earlier run's results, if it was the same evaluation; its scores and predictions go on."""
+    differs = [k for k in _RUN_SETTINGS if previous.get(k) != fresh[k]]
+    if differs:
+        detail = ", ".join(f"{k}: {previous.get(k)!r} there, {fresh[k]!r} now" for k in differs)
+        raise InputError(f"cannot resume {output}: it is a different evaluation ({detail}); "
+                         "use another --output or drop --resume to start over")
+    fresh.update(scores=previous["scores"], predictions=previous["predictions"], partial=previous.get("partial", {}))
+    fresh["resumed_from"] = previous.get("machine", {}).get("date")
+    return fresh
 
 
 def plot_quality_latency(result: dict, png_path: str | Path, metric: str = "f1") -> None:

@@ -79,7 +79,38 @@ def test_rag_eval_runs_every_mode_on_the_same_questions_and_retrieval(tmp_path, 
     assert again["predictions"]["latent 1:4 top-2"] == result["predictions"]["latent 1:4 top-2"]
 
 
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_rag_eval_resumes_an_interrupted_run(tmp_path, model):
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:120:30]]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "eval.json"
+    kwargs = dict(limit=3, seed=2, top_k=2, max_new_tokens=3, workdir=tmp_path / "work", output=out, progress=False)
+    full = run_rag_eval(data, [model], ["none", "latent"], save_every=1, **kwargs)
+    # the file as a run stopped after the first question of its second mode leaves it
+    stopped = json.loads(out.read_text())
+    label = "latent 1:4 top-2"
+    preds = stopped["predictions"].pop(label)
+    row = next(r for r in stopped["scores"] if r["mode"] == label)
+    stopped["scores"].remove(row)
+    stopped["partial"] = {label: {"preds": preds[:1], "ttft": [0.5], "total": [1.0], "positions": [row["prompt_positions"]],
+                                  "hits": [1.0], "peak_rss_mb": 1.0}}
+    out.write_text(json.dumps(stopped))
+    resumed = run_rag_eval(data, [model], ["none", "latent"], resume=True, **kwargs)
+    assert resumed["predictions"] == full["predictions"]  # greedy: the same answers, none asked twice
+    assert resumed["scores"][0] == full["scores"][0]  # the finished mode is kept as it was
+    assert resumed["scores"][1]["mode"] == label and resumed["scores"][1]["n"] == 3 and resumed["partial"] == {}
+    assert json.loads(out.read_text())["scores"] == resumed["scores"]
+    # another evaluation in the same file is refused and the file is left alone
+    before = out.read_text()
+    with pytest.raises(InputError, match="different evaluation.*seed"):
+        run_rag_eval(data, [model], ["none"], resume=True, **dict(kwargs, seed=3))
+    assert out.read_text() == before
+
+
 def test_rag_eval_errors(tmp_path, model):
+    with pytest.raises(InputError, match="resume continues the run saved in output"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["none"], resume=True)
     with pytest.raises(InputError, match="unknown modes"):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["oracle"])
     bad = tmp_path / "bad.jsonl"
