@@ -4,6 +4,11 @@ Stages (Squid; LCLM; PISCO): the decoder learns to read latents by rebuilding th
 them (restoration), continuing it (continuation), then answering questions over several
 passages given as latents, loss on the answer only (qa). Which parts train is set per stage.
 Devices, mixed precision and DDP come from ``accelerate``.
+
+Two stage options make restoration learnable on a small budget (docs/architecture_search.md):
+``alignment`` regresses the projector onto the decoder's own input embeddings of each latent's
+tokens (encoder and decoder must share a tokenizer), and a per-stage ``ratio`` lets a run start
+at 1:1, where an aligned projector is read at once, and compress step by step (1:1 -> 1:2 -> 1:4).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from lclm_rag.model import LatentContextModel
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("restoration", "continuation", "qa")
+STAGES = ("alignment", "restoration", "continuation", "qa")
 PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory")
 RESTORE_PROMPT = "Repeat the text above word for word."
 CONTINUE_PROMPT = "Continue the text above."
@@ -41,12 +46,14 @@ CONTINUE_PROMPT = "Continue the text above."
 
 @dataclass
 class StageConfig:
-    name: str  # "restoration" | "continuation" | "qa"
+    name: str  # "alignment" (projector only, no decoder) | "restoration" | "continuation" | "qa"
     steps: int  # optimizer steps in this stage
     lr: float = 5e-4  # peak learning rate (linear warmup, cosine decay to 10%)
     train: list[str] = field(default_factory=lambda: ["projector", "boundary", "decoder_lora"])  # parts to train
     distractors: int = 2  # qa: random other passages beside the gold one (shuffled)
     mix_restoration: float = 0.0  # qa/continuation: share of restoration examples mixed in
+    part_lr: dict[str, float] = field(default_factory=dict)  # per-part peak lr, e.g. {"decoder_lora": 1e-4} (LCLM: adapter 1e-3, LM 6e-5)
+    ratio: int | None = None  # compress 1 per `ratio` tokens in this stage (mean pooling); None: the model's
 
     def __post_init__(self) -> None:
         if self.name not in STAGES:
@@ -54,6 +61,13 @@ class StageConfig:
         unknown = set(self.train) - set(PARTS)
         if unknown:
             raise ConfigError(f"stage {self.name}: unknown parts {sorted(unknown)} (known: {PARTS})")
+        if self.name == "alignment" and set(self.train) != {"projector"}:
+            raise ConfigError(f"the alignment stage trains the projector only, not {sorted(set(self.train) - {'projector'})}")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio <= 0):
+            raise ConfigError(f"stage {self.name}: ratio must be a positive integer, got {self.ratio!r}")
+        stray = set(self.part_lr) - set(self.train)
+        if stray:
+            raise ConfigError(f"stage {self.name}: part_lr names {sorted(stray)}, which the stage does not train ({self.train})")
 
 
 @dataclass
@@ -158,42 +172,96 @@ def teacher_forced_loss(decoder, prompts: list[torch.Tensor], targets: list[str]
     return per_example.mean(), correct, valid.sum().item()
 
 
+def alignment_targets(model: LatentContextModel, token_ids: list[list[int]]) -> list[torch.Tensor]:
+    """The decoder's mean input embedding of each latent's group of ``ratio`` tokens.
+
+    Windows hold whole groups (``encoder_window`` is a multiple of the ratio), so the groups are
+    consecutive runs of ``ratio`` ids. Needs encoder and decoder to share a tokenizer.
+    """
+    table = model.decoder.model.get_input_embeddings().weight.detach()
+    r = model.config.ratio
+    out = []
+    for ids in token_ids:
+        emb = table[torch.tensor(ids, device=table.device)]
+        out.append(torch.stack([emb[i : i + r].mean(0) for i in range(0, len(ids), r)]))
+    return out
+
+
+def check_shared_tokenizer(model: LatentContextModel) -> None:
+    if model.compressor.tokenizer.get_vocab() != model.decoder.tokenizer.get_vocab():
+        raise ConfigError("the alignment stage needs the encoder and decoder to share a tokenizer "
+                          f"({model.config.encoder} and {model.config.decoder} do not); start at restoration instead")
+
+
 class TrainingModule(nn.Module):
-    """Wraps the model so DDP sees one forward: examples -> loss."""
+    """Wraps the model so DDP sees one forward: examples -> (loss, metric name, metric value)."""
 
     def __init__(self, model: LatentContextModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, examples: list[Example], encoder_trainable: bool):
+    def forward(self, examples: list[Example], encoder_trainable: bool, alignment: bool = False):
         compressor = self.model.compressor
         ids = compressor.tokenize([p for ex in examples for p in ex.passages])
         with torch.set_grad_enabled(encoder_trainable and torch.is_grad_enabled()):
             latents = compressor.encode_ids(ids)
-        return teacher_forced_batch(self.model, examples, latents)
+        if alignment:
+            dec = self.model.decoder
+            predicted = dec.projector(torch.cat(latents).to(dec.projector.fc1.weight.dtype))
+            target = torch.cat(alignment_targets(self.model, ids)).to(predicted.dtype)
+            cosine = nn.functional.cosine_similarity(predicted.detach(), target).mean().item()
+            return nn.functional.mse_loss(predicted, target), "cosine", cosine
+        loss, correct, total = teacher_forced_batch(self.model, examples, latents)
+        return loss, "token_acc", correct / max(total, 1)
+
+
+def set_ratio(model: LatentContextModel, ratio: int) -> None:
+    """Compress 1 per ``ratio`` tokens from now on (a ratio curriculum); mean pooling only."""
+    if ratio == model.config.ratio:
+        return
+    if model.config.pooling != "mean":
+        raise ConfigError(f"a stage ratio needs mean pooling: {model.config.pooling} pooling has ratio-sized parameters")
+    config = dataclasses.replace(model.config, ratio=ratio)
+    model.config = model.compressor.config = model.decoder.config = config
+
+
+def part_parameters(model: LatentContextModel, part: str) -> list[nn.Parameter]:
+    """The parameters of one trainable part (see ``PARTS``)."""
+    dec, comp = model.decoder, model.compressor
+    if part == "projector":
+        return list(dec.projector.parameters())
+    if part == "boundary":
+        return [dec.boundary] if dec.boundary is not None else []
+    if part == "memory":
+        return [comp.memory_embeddings] if comp.memory_embeddings is not None else []
+    if part == "encoder":
+        return list(comp.encoder.parameters())
+    if part in ("decoder_lora", "encoder_lora"):
+        if not getattr(model.config, part):
+            raise ConfigError(f"stage trains {part} but the model config has no {part} settings")
+        module = dec.model if part == "decoder_lora" else comp.encoder
+        return [p for name, p in module.named_parameters() if "lora_" in name]
+    raise ConfigError(f"unknown part {part!r} (known: {PARTS})")
 
 
 def set_trainable(model: LatentContextModel, parts: list[str]) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the named parts; returns the trainable parameters."""
     model.requires_grad_(False)
-    dec, comp = model.decoder, model.compressor
     for part in parts:
-        if part == "projector":
-            dec.projector.requires_grad_(True)
-        elif part == "boundary" and dec.boundary is not None:
-            dec.boundary.requires_grad_(True)
-        elif part == "memory" and comp.memory_embeddings is not None:
-            comp.memory_embeddings.requires_grad_(True)
-        elif part == "encoder":
-            comp.encoder.requires_grad_(True)
-        elif part in ("decoder_lora", "encoder_lora"):
-            module = dec.model if part == "decoder_lora" else comp.encoder
-            if not getattr(model.config, part):
-                raise ConfigError(f"stage trains {part} but the model config has no {part} settings")
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    p.requires_grad_(True)
+        for p in part_parameters(model, part):
+            p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(model: LatentContextModel, stage: StageConfig) -> list[dict]:
+    """One optimizer group per trained part, at its own peak lr (``stage.part_lr``) or ``stage.lr``."""
+    groups, seen = [], set()
+    for part in stage.train:
+        params = [p for p in part_parameters(model, part) if id(p) not in seen]  # "encoder" contains "encoder_lora"
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "lr": stage.part_lr.get(part, stage.lr), "name": part})
+    return groups
 
 
 # ---------------------------------------------------------------------- data
@@ -223,7 +291,7 @@ class ExampleSource:
         rng = random.Random(f"{self.cfg.seed}-{stage_index}-{position}")
         if stage.name != "restoration" and rng.random() < stage.mix_restoration:
             return restoration_example(rng.choice(self._need(self.chunks, "corpus")))
-        if stage.name == "restoration":
+        if stage.name in ("restoration", "alignment"):
             return restoration_example(self._need(self.chunks, "corpus")[rng.randrange(len(self.chunks))])
         if stage.name == "continuation":
             return continuation_example(*self._need(self.pairs, "corpus")[rng.randrange(len(self.pairs))])
@@ -332,8 +400,12 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
 
     for stage_index in range(state["stage"], len(cfg.stages)):
         stage = cfg.stages[stage_index]
+        if stage.ratio is not None:
+            set_ratio(model, stage.ratio)
+        if stage.name == "alignment":
+            check_shared_tokenizer(model)
         params = set_trainable(model, stage.train)
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, weight_decay=cfg.weight_decay)
         scheduler = _scheduler(optimizer, cfg.warmup_steps, stage.steps)
         ddp_model, optimizer = accelerator.prepare(wrapper, optimizer)
         if resume is not None and state["stage"] == stage_index and state["step"] > 0:
@@ -350,7 +422,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             step = state["step"]
             base = step * cfg.batch_size * world + rank * cfg.batch_size
             examples = [source.example(stage_index, stage, base + i) for i in range(cfg.batch_size)]
-            loss, correct, total = ddp_model(examples, encoder_trainable)
+            loss, metric, value = ddp_model(examples, encoder_trainable, stage.name == "alignment")
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -365,7 +437,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
                 t0 = now
                 record = {
                     "type": "train", "stage": stage.name, "step": state["step"], "global_step": state["global_step"],
-                    "loss": round(loss.item(), 5), "token_acc": round(correct / max(total, 1), 5),
+                    "ratio": model.config.ratio, "loss": round(loss.item(), 5), metric: round(value, 5),
                     "lr": scheduler.get_last_lr()[0], "samples": state["global_step"] * cfg.batch_size * world,
                     "elapsed_s": round(state["elapsed"], 1),
                 }
@@ -412,7 +484,7 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = load_jsonl(log_path)
-    train_rows = [r for r in rows if r["type"] == "train"]
+    train_rows = [r for r in rows if r["type"] == "train" and "token_acc" in r]  # alignment steps log an MSE, not this loss
     eval_rows = [r for r in rows if r["type"] == "eval" and "restoration_acc" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if train_rows:
@@ -426,6 +498,14 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> None:
         x = [r["global_step"] for r in eval_rows]
         axes[1].plot(x, [r["restoration_acc"] for r in eval_rows], "o-", label="restoration acc (own latents)")
         axes[1].plot(x, [r["restoration_acc_control"] for r in eval_rows], "x--", label="control (another passage's latents)")
+        changes, last = [], None  # a ratio curriculum: where each ratio starts
+        for r in rows:
+            if r["type"] == "train" and r.get("ratio", last) != last:
+                changes.append((r["global_step"], r["ratio"]))
+                last = r["ratio"]
+        for step, ratio in changes:
+            axes[1].axvline(step, color="grey", lw=0.6)
+            axes[1].annotate(f"1:{ratio}", (step, 0.02), fontsize=7, color="grey")
         axes[1].set_xlabel("step")
         axes[1].set_ylim(0, 1)
         axes[1].legend()

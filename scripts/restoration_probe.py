@@ -6,6 +6,7 @@ Used for the rows of docs/architecture_search.md that are not full `lclm-rag tra
     python scripts/restoration_probe.py train --prompt plain --batch 2 --steps 400 --every 50
     python scripts/restoration_probe.py train --ratio 1 --steps 100   # per-token latents
     python scripts/restoration_probe.py train --align 300 --steps 200 # projector warm start first
+    python scripts/restoration_probe.py train --prompt plain --batch 4 --align 300 --curriculum 1:50,2:200,4:300
 
 Metric: teacher-forced token accuracy of rebuilding 32 held-out 64-token wiki chunks from their
 latents, and the control (each chunk given another chunk's latents). Only the gap is reading.
@@ -63,7 +64,13 @@ def main() -> None:
     p.add_argument("--every", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--align", type=int, default=0, help="projector warm-up steps (16 passages each) before training")
+    p.add_argument("--curriculum", help="ratio:steps,... e.g. 1:100,2:200,4:300 (overrides --ratio/--steps; "
+                                        "--align then aligns at the first ratio)")
+    p.add_argument("--decoder-lr", type=float, help="decoder LoRA lr (default: --lr)")
     args = p.parse_args()
+    schedule = [tuple(int(x) for x in item.split(":")) for item in args.curriculum.split(",")] if args.curriculum \
+        else [(args.ratio, args.steps)]
+    args.ratio = schedule[0][0]
 
     torch.manual_seed(0)
     model = LatentContextModel.from_config(LatentConfig(
@@ -114,21 +121,30 @@ def main() -> None:
                 print(f"align {step}: mse {loss.item():.5f}, cosine {nn.functional.cosine_similarity(pred, target).mean().item():.3f}", flush=True)
         print("after alignment:", evaluate(), flush=True)
 
-    params = set_trainable(model, ["projector", "boundary", "decoder_lora"])
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    print(f"{args.prompt} prompt, {args.layers}-layer encoder, 1:{args.ratio}, batch {args.batch}, lr {args.lr}; step 0:", evaluate(), flush=True)
-    rng, start = random.Random(2), time.time()
-    for step in range(1, args.steps + 1):
-        texts = rng.sample(train, args.batch)
-        with torch.no_grad():
-            latents = model.compressor.encode_ids(model.compressor.tokenize(texts))
-        loss, _, _ = run(texts, latents)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        if step % args.every == 0:
-            print(f"step {step} ({step * args.batch} samples, {time.time() - start:.0f} s): own latents / control", evaluate(), flush=True)
+    set_trainable(model, ["projector", "boundary", "decoder_lora"])
+    lora = [p for n, p in model.decoder.model.named_parameters() if "lora_" in n]
+    params = [p for p in model.parameters() if p.requires_grad]
+    rest = [p for p in params if all(p is not q for q in lora)]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr}, {"params": lora, "lr": args.decoder_lr or args.lr}],
+                                  weight_decay=0.0)
+    rng, start, done = random.Random(2), time.time(), 0
+    for ratio, steps in schedule:
+        model.compressor.config.ratio = model.config.ratio = ratio
+        print(f"{args.prompt} prompt, {args.layers}-layer encoder, 1:{ratio}, batch {args.batch}, lr {args.lr}/"
+              f"{args.decoder_lr or args.lr}; start:", evaluate(), flush=True)
+        for step in range(1, steps + 1):
+            texts = rng.sample(train, args.batch)
+            with torch.no_grad():
+                latents = model.compressor.encode_ids(model.compressor.tokenize(texts))
+            loss, _, _ = run(texts, latents)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            done += args.batch
+            if step % args.every == 0:
+                print(f"1:{ratio} step {step} ({done} samples, {time.time() - start:.0f} s): own latents / control",
+                      evaluate(), flush=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,22 @@ def test_config_errors(tmp_path, tiny_models):
     raw["stages"][0]["name"] = "pretraining"
     with pytest.raises(ConfigError, match="stage name"):
         TrainConfig.from_dict(raw)
+    raw["stages"][0].update(name="restoration", part_lr={"encoder_lora": 1e-4})
+    with pytest.raises(ConfigError, match=r"part_lr names \['encoder_lora'\], which the stage does not train"):
+        TrainConfig.from_dict(raw)
+
+
+def test_part_lr_sets_each_part_its_own_learning_rate(tmp_path, tiny_models):
+    raw = json.loads(_config(tmp_path, tiny_models, "plr", steps=(3, 0)).read_text())
+    raw["stages"][0]["part_lr"] = {"decoder_lora": 0.0}  # frozen by its lr; the projector still learns at 1e-3
+    path = tmp_path / "plr.json"
+    path.write_text(json.dumps(raw))
+    final = train(TrainConfig.load(path))
+    model = LatentContextModel.from_pretrained(final)
+    lora_b = [p for n, p in model.decoder.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # LoRA B starts at zero and never moved
+    saved = torch.load(tmp_path / "plr" / "checkpoint" / "trainer.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["name"], g["initial_lr"]) for g in saved] == [("projector", 1e-3), ("boundary", 1e-3), ("decoder_lora", 0.0)]
 
 
 def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ratio(tmp_path, tiny_models):
@@ -114,3 +130,37 @@ def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ra
     # the r4 statistics are kept (the projector was trained on them), not re-measured
     torch.testing.assert_close(r8.decoder.projector.latent_shift, model.decoder.projector.latent_shift)
     assert r8.compress(["one two three four five six seven eight nine"])[0].shape[0] == 2
+
+
+def test_alignment_then_a_ratio_curriculum(tmp_path, tiny_models):
+    raw = json.loads(_config(tmp_path, tiny_models, "cur").read_text())
+    raw["stages"] = [{"name": "alignment", "steps": 8, "lr": 1e-3, "train": ["projector"], "ratio": 1},
+                     {"name": "restoration", "steps": 2, "lr": 1e-3, "ratio": 2},
+                     {"name": "restoration", "steps": 2, "lr": 1e-3, "ratio": 4}]
+    path = tmp_path / "cur.json"
+    path.write_text(json.dumps(raw))
+    final = train(TrainConfig.load(path))
+    rows = [r for r in load_jsonl(tmp_path / "cur" / "log.jsonl") if r["type"] == "train"]
+    assert [r["ratio"] for r in rows] == [1] * 8 + [2] * 2 + [4] * 2
+    align = rows[:8]
+    assert all("cosine" in r and "token_acc" not in r for r in align) and all("token_acc" in r for r in rows[8:])
+    cosine = [r["cosine"] for r in align]  # the regression learns: projected latents turn towards the token embeddings
+    assert sum(cosine[-4:]) / 4 > sum(cosine[:2]) / 2 + 0.05
+    model = LatentContextModel.from_pretrained(final)
+    assert model.config.ratio == 4 and model.compress(["one two three four five six seven eight nine"])[0].shape[0] == 3
+
+
+def test_alignment_needs_a_shared_tokenizer_and_trains_the_projector_only(tmp_path, tiny_models):
+    from lclm_rag.config import LatentConfig
+    from lclm_rag.train import StageConfig, check_shared_tokenizer
+
+    with pytest.raises(ConfigError, match="alignment stage trains the projector only"):
+        StageConfig(name="alignment", steps=1, train=["projector", "decoder_lora"])
+    with pytest.raises(ConfigError, match="ratio must be a positive integer"):
+        StageConfig(name="restoration", steps=1, ratio=0)
+    enc, dec = tiny_models
+    model = LatentContextModel.from_config(LatentConfig(encoder=enc, decoder=dec, encoder_layers=None))
+    check_shared_tokenizer(model)  # same tokenizer: fine
+    model.decoder.tokenizer.add_tokens(["<extra-token>"])
+    with pytest.raises(ConfigError, match="needs the encoder and decoder to share a tokenizer"):
+        check_shared_tokenizer(model)
