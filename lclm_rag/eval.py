@@ -141,9 +141,9 @@ def run_gold_eval(model, data: str | Path, modes: Sequence[str], limit: int, see
         scores, preds = evaluate_gold_passage(model, records, mode, max_new_tokens=max_new_tokens)
         result["scores"].append(scores.as_dict())
         result["predictions"][mode] = preds
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2))
+        if output:  # after every mode: an interrupted run keeps what it measured
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(result, indent=2))
     return result
 
 
