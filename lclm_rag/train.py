@@ -498,14 +498,13 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> None:
         x = [r["global_step"] for r in eval_rows]
         axes[1].plot(x, [r["restoration_acc"] for r in eval_rows], "o-", label="restoration acc (own latents)")
         axes[1].plot(x, [r["restoration_acc_control"] for r in eval_rows], "x--", label="control (another passage's latents)")
-        changes, last = [], None  # a ratio curriculum: where each ratio starts
+        last = None  # where each stage (and, in a ratio curriculum, each ratio) starts
         for r in rows:
-            if r["type"] == "train" and r.get("ratio", last) != last:
-                changes.append((r["global_step"], r["ratio"]))
-                last = r["ratio"]
-        for step, ratio in changes:
-            axes[1].axvline(step, color="grey", lw=0.6)
-            axes[1].annotate(f"1:{ratio}", (step, 0.02), fontsize=7, color="grey")
+            if r["type"] == "train" and (r["stage"], r.get("ratio")) != last:
+                last = (r["stage"], r.get("ratio"))
+                axes[1].axvline(r["global_step"], color="grey", lw=0.6)
+                label = r["stage"] + (f" 1:{r['ratio']}" if "ratio" in r else "")
+                axes[1].annotate(label, (r["global_step"], 0.02), fontsize=7, color="grey", rotation=90)
         axes[1].set_xlabel("step")
         axes[1].set_ylim(0, 1)
         axes[1].legend()

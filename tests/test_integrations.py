@@ -130,13 +130,15 @@ def test_examples_run_offline(script, tmp_path):
     assert ("A:" in res.stdout) and ("compressed" in res.stdout or "written" in res.stdout)
 
 
-def test_cli_query(store, tmp_path):
+def test_cli_query(store, model, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    model.save_pretrained(tmp_path / "checkpoint")  # the compressor the collection was built with
     path = store.backend.dir
     store.backend.close()  # the embedded engine allows one process at a time
     try:
         res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "query", QUESTION, "--collection", "docs", "--path", str(path),
-                              "--top-k", "2", "--expand", "1", "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
+                              "--checkpoint", str(tmp_path / "checkpoint"), "--top-k", "2", "--expand", "1", "--max-new-tokens", "8"],
+                             capture_output=True, text=True, env=env, timeout=600)
     finally:
         store.backend.__init__(path)
     assert res.returncode == 0, res.stderr[-2000:]
