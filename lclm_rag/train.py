@@ -172,14 +172,14 @@ def teacher_forced_loss(decoder, prompts: list[torch.Tensor], targets: list[str]
     return per_example.mean(), correct, valid.sum().item()
 
 
-def alignment_targets(model: LatentContextModel, token_ids: list[list[int]]) -> list[torch.Tensor]:
-    """The decoder's mean input embedding of each latent's group of ``ratio`` tokens.
+def alignment_targets(model: LatentContextModel, token_ids: list[list[int]], ratio: int | None = None) -> list[torch.Tensor]:
+    """The decoder's mean input embedding of each latent's group of ``ratio`` tokens (default: the model's).
 
     Windows hold whole groups (``encoder_window`` is a multiple of the ratio), so the groups are
     consecutive runs of ``ratio`` ids. Needs encoder and decoder to share a tokenizer.
     """
     table = model.decoder.model.get_input_embeddings().weight.detach()
-    r = model.config.ratio
+    r = ratio or model.config.ratio
     out = []
     for ids in token_ids:
         emb = table[torch.tensor(ids, device=table.device)]

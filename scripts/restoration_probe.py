@@ -29,7 +29,8 @@ from torch import nn
 from lclm_rag.chunking import chunk_text
 from lclm_rag.config import LatentConfig
 from lclm_rag.model import LatentContextModel
-from lclm_rag.train import restoration_example, set_trainable, teacher_forced_batch, teacher_forced_loss
+from lclm_rag.train import (alignment_targets, part_parameters, restoration_example, set_trainable, teacher_forced_batch,
+                             teacher_forced_loss)
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared/data/corpus/wiki_summaries.jsonl"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -44,13 +45,8 @@ def plain_batch(model: LatentContextModel, texts: list[str], slots: list[torch.T
 
 
 def group_embedding_targets(model: LatentContextModel, texts: list[str], ratio: int) -> list[torch.Tensor]:
-    """Mean decoder input embedding of each group of ``ratio`` tokens (same tokenizer both sides)."""
-    table = model.decoder.model.get_input_embeddings().weight.detach()
-    out = []
-    for text in texts:
-        ids = torch.tensor(model.decoder.text_ids(text))
-        out.append(torch.stack([table[ids[i : i + ratio]].mean(0) for i in range(0, len(ids), ratio)]))
-    return out
+    """Mean decoder input embedding of each group of ``ratio`` tokens (what alignment regresses onto)."""
+    return alignment_targets(model, model.compressor.tokenize(texts), ratio)
 
 
 def main() -> None:
@@ -122,7 +118,7 @@ def main() -> None:
         print("after alignment:", evaluate(), flush=True)
 
     set_trainable(model, ["projector", "boundary", "decoder_lora"])
-    lora = [p for n, p in model.decoder.model.named_parameters() if "lora_" in n]
+    lora = part_parameters(model, "decoder_lora")
     params = [p for p in model.parameters() if p.requires_grad]
     rest = [p for p in params if all(p is not q for q in lora)]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr}, {"params": lora, "lr": args.decoder_lr or args.lr}],
