@@ -8,6 +8,7 @@ prompt goes to ``generate(inputs_embeds=...)``, which uses the KV cache as usual
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lclm_rag.compressor import tensor_digest
 from lclm_rag.config import LatentConfig
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.hub import resolve_model
@@ -94,6 +96,10 @@ class LatentDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def base(self) -> contextlib.AbstractContextManager:
+        """Within this context the decoder runs without its LoRA adapters: the base LM users start from."""
+        return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
 
     def text_ids(self, text: str) -> list[int]:
         """Decoder token ids of ``text`` (no special tokens added)."""
@@ -239,6 +245,19 @@ class LatentDecoder(nn.Module):
         if self.boundary is not None:
             state["boundary"] = self.boundary.detach()
         return state
+
+    def fingerprint(self) -> str:
+        """Hash of the trained reading side (projector, boundary, LoRA): which model reads the latents.
+
+        The compressor's fingerprint says which latents are stored; two checkpoints can share it
+        (a frozen encoder) and still answer differently.
+        """
+        state = dict(self.trainable_state_dict())
+        if self.config.decoder_lora:
+            from peft import get_peft_model_state_dict
+
+            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.model).items()})
+        return tensor_digest(state)[:32]
 
     def save_trained(self, directory: str | Path) -> None:
         from safetensors.torch import save_file

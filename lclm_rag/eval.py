@@ -7,6 +7,7 @@ Scores are read together: answer contained, SQuAD exact match and F1, and mean a
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import string
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 
 from lclm_rag.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 def normalize_answer(text: str) -> str:
@@ -110,8 +113,7 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
 
     if mode not in GOLD_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {GOLD_MODES}")
-    decoder_lm = model.decoder.model
-    base = decoder_lm.disable_adapter() if mode == "text-base" and hasattr(decoder_lm, "disable_adapter") else contextlib.nullcontext()
+    base = model.decoder.base() if mode == "text-base" else contextlib.nullcontext()
     preds: list[str] = []
     start = time.perf_counter()
     with base:
@@ -267,8 +269,11 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
 
     ``output`` is rewritten after every mode and every ``save_every`` questions; with ``resume`` a
     run that stopped (a 500-question run takes hours on a CPU) continues from it: finished modes
-    are kept, a half-done mode goes on from its next question. Resuming needs the same data, sample,
-    settings and checkpoints, otherwise nothing is overwritten and an error says what differs.
+    are kept, a half-done mode goes on from its next question. Resuming needs the same data, sample
+    and settings, otherwise nothing is overwritten and an error says what differs. Each mode records
+    what its answers depend on (``mode_inputs``: base decoder, retrieval, compressor and reader
+    fingerprints), so resuming with a retrained checkpoint recomputes only the modes that read it;
+    the replaced results are kept in ``<output>.previous.json``.
     """
     import contextlib
     import tempfile
@@ -304,16 +309,19 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
         model = checkpoint if isinstance(checkpoint, LatentContextModel) else load_model(checkpoint)
         name = f"eval-{model.fingerprint()[:12]}-r{model.config.ratio}"
         store = LatentStore.open(name, path=workdir / name)  # the embedded engine locks its directory
-        report = Ingestor(store, model.compressor, embed).ingest_documents(documents, progress=progress)
+        ingestor = Ingestor(store, model.compressor, embed)
+        report = ingestor.ingest_documents(documents, progress=progress)
         retriever = LatentRetriever(store, embed, similarity_top_k=top_k)
-        setups.append({"label": f"1:{model.config.ratio}", "model": model, "store": store, "retriever": retriever,
-                       "ingested": report.summary()})
+        c = model.config
+        retrieval = {"embedder": embedder or DEFAULT_EMBEDDER, "tokenizer": c.encoder, "chunk_tokens": ingestor.chunk_tokens,
+                     "overlap": ingestor.overlap}
+        reads = {"compressor": model.fingerprint(), "reader": model.decoder.fingerprint()}
+        setups.append({"label": f"1:{c.ratio}", "model": model, "store": store, "retriever": retriever,
+                       "ingested": report.summary(), "retrieval": retrieval, "reads": reads,
+                       "budget": {"pooling": c.pooling, "ratio": c.ratio, "encoder_window": c.encoder_window}})
     main = setups[0]
     base_model = main["model"]  # its decoder with adapters disabled is "the base decoder"
-
-    def base_decoder():
-        lm = base_model.decoder.model
-        return lm.disable_adapter() if hasattr(lm, "disable_adapter") else contextlib.nullcontext()
+    base = {"decoder": base_model.config.decoder}
 
     def engine(setup, expand_n):
         return LatentQueryEngine(setup["retriever"], setup["model"], expand=expand_n, expand_policy=expand_policy,
@@ -337,32 +345,33 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
         return text, start, timer.first, time.perf_counter(), model.prompt_positions(segments), None
 
     lingua = None
-    jobs = []  # (mode label, per-question function, context manager)
+    jobs = []  # (mode label, per-question function, context manager, what its answers depend on)
     for mode in modes:
         targets = setups if mode in PER_RATIO_MODES else [main]
         for setup in targets:
             if mode == "none":
-                jobs.append(("none", lambda r: direct(base_model, r["question"], []), base_decoder))
+                jobs.append(("none", lambda r: direct(base_model, r["question"], []), base_model.decoder.base, base))
             elif mode == "text":
-                jobs.append((f"text top-{top_k}", lambda r, e=engine(main, top_k): via_engine(e, r["question"]), base_decoder))
+                jobs.append((f"text top-{top_k}", lambda r, e=engine(main, top_k): via_engine(e, r["question"]), base_model.decoder.base,
+                             {**base, **main["retrieval"]}))
             elif mode == "text-adapted":
                 jobs.append((f"text top-{top_k} (adapted decoder)", lambda r, e=engine(main, top_k): via_engine(e, r["question"]),
-                             contextlib.nullcontext))
+                             contextlib.nullcontext, {**base, **main["retrieval"], "reader": main["reads"]["reader"]}))
             elif mode == "latent":
                 jobs.append((f"latent {setup['label']} top-{top_k}", lambda r, e=engine(setup, 0): via_engine(e, r["question"]),
-                             contextlib.nullcontext))
+                             contextlib.nullcontext, {**base, **setup["retrieval"], **setup["reads"]}))
             elif mode == "expand":
                 jobs.append((f"expand {expand} of {top_k} @{setup['label']}", lambda r, e=engine(setup, expand): via_engine(e, r["question"]),
-                             contextlib.nullcontext))
+                             contextlib.nullcontext, {**base, **setup["retrieval"], **setup["reads"]}))
             elif mode == "gold-latent":
                 def gold_latent(r, s=setup):
                     start = time.perf_counter()
                     ids = s["store"].ids_of_doc(_doc_id(r["context"]))
                     stored = sorted(s["store"].retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])
                     return direct(s["model"], r["question"], [p.latents for p in stored], start)
-                jobs.append((f"gold latent {setup['label']}", gold_latent, contextlib.nullcontext))
+                jobs.append((f"gold latent {setup['label']}", gold_latent, contextlib.nullcontext, {**base, **setup["reads"]}))
             elif mode == "gold-text":
-                jobs.append(("gold text", lambda r: direct(base_model, r["question"], [r["context"]]), base_decoder))
+                jobs.append(("gold text", lambda r: direct(base_model, r["question"], [r["context"]]), base_model.decoder.base, base))
             elif mode == "llmlingua":
                 if lingua is None:
                     lingua = LongLLMLingua(base_model.config.decoder, base_model.decoder.tokenizer)
@@ -375,13 +384,15 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
                     compressed = lingua.compress(r["question"], [n.node.get_content() for n in nodes], budget)
                     out = direct(base_model, r["question"], [compressed], start)
                     return (*out[:5], [n.node.metadata.get("doc_id") for n in nodes])
-                jobs.append((f"LongLLMLingua top-{top_k} @{main['label']} budget", llmlingua, base_decoder))
+                jobs.append((f"LongLLMLingua top-{top_k} @{main['label']} budget", llmlingua, base_model.decoder.base,
+                             {**base, **main["retrieval"], "budget": main["budget"]}))
 
     result = {"data": str(data), "n": len(records), "corpus_passages": {s["label"]: s["store"].count() for s in setups},
               "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy, "max_new_tokens": max_new_tokens,
               "checkpoints": {s["label"]: s["model"].fingerprint() for s in setups},
+              "readers": {s["label"]: s["reads"]["reader"] for s in setups},
               "ingested": {s["label"]: s["ingested"] for s in setups}, "machine": machine_info(), "scores": [], "predictions": {},
-              "partial": {}}
+              "partial": {}, "mode_inputs": {label: inputs for label, _, _, inputs in jobs}}
     if resume and output and Path(output).exists():
         result = _resumable(json.loads(Path(output).read_text()), result, output)
 
@@ -390,7 +401,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(result, indent=2))
 
-    for label, ask, context in jobs:
+    for label, ask, context, _ in jobs:
         if label in result["predictions"]:
             continue  # finished in an earlier run
         # per-question columns, continued from an interrupted run if there is one
@@ -418,6 +429,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
         result["scores"].append(scores)
         result["predictions"][label] = done["preds"]
         del result["partial"][label]
+        order = [job[0] for job in jobs]
+        result["scores"].sort(key=lambda row: order.index(row["mode"]) if row["mode"] in order else len(order))
         save()
     for s in setups:
         s["store"].close()
@@ -426,18 +439,40 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     return result
 
 
-_RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "expand_policy", "max_new_tokens", "checkpoints")
+_RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "expand_policy", "max_new_tokens")
 
 
 def _resumable(previous: dict, fresh: dict, output) -> dict:
-    """The earlier run's results, if it was the same evaluation; its scores and predictions go on."""
+    """The earlier run's results whose inputs are unchanged; modes that read a changed model are redone.
+
+    Files written before ``mode_inputs`` existed are kept whole when the checkpoints match.
+    """
     differs = [k for k in _RUN_SETTINGS if previous.get(k) != fresh[k]]
     if differs:
         detail = ", ".join(f"{k}: {previous.get(k)!r} there, {fresh[k]!r} now" for k in differs)
         raise InputError(f"cannot resume {output}: it is a different evaluation ({detail}); "
                          "use another --output or drop --resume to start over")
-    fresh.update(scores=previous["scores"], predictions=previous["predictions"], partial=previous.get("partial", {}))
+    if "mode_inputs" in previous:
+        old_inputs = previous["mode_inputs"]
+    elif previous.get("checkpoints") == fresh["checkpoints"]:
+        old_inputs = fresh["mode_inputs"]
+    else:
+        old_inputs = {}
+    keep = {label for label, inputs in fresh["mode_inputs"].items() if old_inputs.get(label) == inputs}
+    stale = (set(previous["predictions"]) | set(previous.get("partial", {}))) - keep
+    if stale:
+        backup = Path(f"{output}.previous.json")
+        backup.write_text(json.dumps(previous, indent=2))
+        logger.warning("resuming %s: %s read a changed model or retrieval and are redone (old results in %s)",
+                       output, sorted(stale), backup)
+    fresh.update(scores=[row for row in previous["scores"] if row["mode"] in keep],
+                 predictions={k: v for k, v in previous["predictions"].items() if k in keep},
+                 partial={k: v for k, v in previous.get("partial", {}).items() if k in keep})
+    same = [label for label in fresh["checkpoints"] if previous.get("checkpoints", {}).get(label) == fresh["checkpoints"][label]]
+    fresh["ingested"].update({label: previous["ingested"][label] for label in same if label in previous.get("ingested", {})})
     fresh["resumed_from"] = previous.get("machine", {}).get("date")
+    if stale:
+        fresh["redone"] = sorted(stale)
     return fresh
 
 

@@ -2,7 +2,8 @@
 
 Stages (Squid; LCLM; PISCO): the decoder learns to read latents by rebuilding the passage from
 them (restoration), continuing it (continuation), then answering questions over several
-passages given as latents, loss on the answer only (qa). Which parts train is set per stage.
+passages given as latents, loss on the answer only (qa), on gold answers or, as PISCO does, on
+the answers a full-text teacher gives (``answers="teacher"``). Which parts train is set per stage.
 Devices, mixed precision and DDP come from ``accelerate``.
 
 Two stage options make restoration learnable on a small budget (docs/architecture_search.md):
@@ -13,7 +14,9 @@ at 1:1, where an aligned projector is read at once, and compress step by step (1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +45,7 @@ STAGES = ("alignment", "restoration", "continuation", "qa")
 PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory")
 RESTORE_PROMPT = "Repeat the text above word for word."
 CONTINUE_PROMPT = "Continue the text above."
+ANSWER_SOURCES = ("gold", "teacher")
 
 
 @dataclass
@@ -54,10 +58,15 @@ class StageConfig:
     mix_restoration: float = 0.0  # qa/continuation: share of restoration examples mixed in
     part_lr: dict[str, float] = field(default_factory=dict)  # per-part peak lr, e.g. {"decoder_lora": 1e-4} (LCLM: adapter 1e-3, LM 6e-5)
     ratio: int | None = None  # compress 1 per `ratio` tokens in this stage (mean pooling); None: the model's
+    answers: str = "gold"  # qa targets: "gold" answers, or "teacher": the full-text teacher's greedy answers (PISCO)
 
     def __post_init__(self) -> None:
         if self.name not in STAGES:
             raise ConfigError(f"stage name must be one of {STAGES}, got {self.name!r}")
+        if self.answers not in ANSWER_SOURCES:
+            raise ConfigError(f"stage {self.name}: answers must be one of {ANSWER_SOURCES}, got {self.answers!r}")
+        if self.answers == "teacher" and self.name != "qa":
+            raise ConfigError(f"answers='teacher' distils question answering: it applies to a qa stage, not {self.name}")
         unknown = set(self.train) - set(PARTS)
         if unknown:
             raise ConfigError(f"stage {self.name}: unknown parts {sorted(unknown)} (known: {PARTS})")
@@ -89,6 +98,8 @@ class TrainConfig:
     eval_passages: int = 32  # held-out passages for restoration accuracy
     qa_eval_file: str | None = None  # squad_dev.jsonl: evaluation only, never trained on
     qa_eval_samples: int = 50
+    teacher: str = "base"  # answers="teacher": "base" = this decoder without its adapters, or a checkpoint name/path
+    teacher_max_new_tokens: int = 32  # length budget of the teacher's answers
     seed: int = 0
     mixed_precision: str = "no"  # "no" on CPU (fp32); "bf16" on GPUs
 
@@ -119,6 +130,7 @@ class Example:
     passages: list[str]  # compressed into latents, one slot each
     user_message: str  # with slot_marker(i) placeholders
     target: str  # what the decoder must produce (loss only here)
+    task: str = "restoration"  # restoration | continuation | qa
 
 
 def restoration_example(passage: str) -> Example:
@@ -126,13 +138,13 @@ def restoration_example(passage: str) -> Example:
 
 
 def continuation_example(first: str, second: str) -> Example:
-    return Example([first], f"{slot_marker(0)}\n\n{CONTINUE_PROMPT}", second)
+    return Example([first], f"{slot_marker(0)}\n\n{CONTINUE_PROMPT}", second, task="continuation")
 
 
 def qa_example(model: LatentContextModel, record: dict, pool: list[str], distractors: int, rng: random.Random) -> Example:
     passages = [record["context"]] + rng.sample(pool, distractors)
     rng.shuffle(passages)
-    return Example(passages, model.decoder.qa_user_message(record["question"], len(passages)), record["answers"][0])
+    return Example(passages, model.decoder.qa_user_message(record["question"], len(passages)), record["answers"][0], task="qa")
 
 
 def teacher_forced_batch(model: LatentContextModel, examples: list[Example], latents: list[torch.Tensor]):
@@ -306,6 +318,52 @@ class ExampleSource:
         return items
 
 
+class TeacherAnswers:
+    """PISCO's targets: what a full-text teacher answers to the same question over the same passages.
+
+    The teacher reads the passages as text with the student's prompt; its greedy answer replaces the
+    gold one as the qa target (an empty answer teaches the student to stop). Answers are generated
+    once per example and cached in ``output_dir`` (one file per process), so a resumed run trains
+    on the same labels without generating them again. Targets are text, so any decoder can teach.
+    """
+
+    def __init__(self, cfg: TrainConfig, student: LatentContextModel, out: Path, rank: int, device) -> None:
+        if cfg.teacher == "base":
+            self.model, self.context = student, student.decoder.base
+        else:
+            self.model, self.context = LatentContextModel.from_pretrained(cfg.teacher).to(device).eval(), contextlib.nullcontext
+        self.max_new_tokens = cfg.teacher_max_new_tokens
+        self.path = out / f"teacher_answers.{rank}.jsonl"
+        self.answers: dict[str, str] = {}
+        for path in sorted(out.glob("teacher_answers.*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a kill can cut the last line; it is regenerated
+                    row = json.loads(line)
+                    self.answers[row["key"]] = row["answer"]
+
+    @staticmethod
+    def key(example: Example) -> str:
+        return hashlib.sha1("\x00".join([example.user_message, *example.passages]).encode()).hexdigest()
+
+    @torch.no_grad()
+    def relabel(self, examples: list[Example]) -> list[Example]:
+        """The examples with each qa target replaced by the teacher's answer (others unchanged)."""
+        missing = {self.key(ex): ex for ex in examples if ex.task == "qa" and self.key(ex) not in self.answers}
+        if missing:
+            decoder = self.model.decoder
+            was_training = decoder.training
+            decoder.eval()
+            with self.context():
+                prompts = [decoder.segments(ex.user_message, ex.passages) for ex in missing.values()]
+                texts = decoder.generate_from_segments(prompts, max_new_tokens=self.max_new_tokens)
+            decoder.train(was_training)
+            with self.path.open("a", encoding="utf-8") as fh:
+                for key, text in zip(missing, texts, strict=True):
+                    self.answers[key] = text
+                    fh.write(json.dumps({"key": key, "answer": text}) + "\n")
+        return [dataclasses.replace(ex, target=self.answers[self.key(ex)]) if ex.task == "qa" else ex for ex in examples]
+
+
 # ---------------------------------------------------------------------- checkpoints
 @torch.no_grad()
 def _calibrate(model: LatentContextModel, source: "ExampleSource", count: int, seed: int) -> None:
@@ -397,6 +455,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
     log_path = out / "log.jsonl"
     steps_this_call = 0
     world, rank = accelerator.num_processes, accelerator.process_index
+    teacher: TeacherAnswers | None = None
 
     for stage_index in range(state["stage"], len(cfg.stages)):
         stage = cfg.stages[stage_index]
@@ -414,6 +473,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             scheduler.load_state_dict(saved["scheduler"])
             _set_rng_state(saved["rng"])
         encoder_trainable = any(p in stage.train for p in ("encoder", "encoder_lora", "memory"))
+        if stage.answers == "teacher" and teacher is None:
+            teacher = TeacherAnswers(cfg, model, out, rank, accelerator.device)
         model.train()
         t0 = time.perf_counter()
         while state["step"] < stage.steps:
@@ -422,6 +483,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             step = state["step"]
             base = step * cfg.batch_size * world + rank * cfg.batch_size
             examples = [source.example(stage_index, stage, base + i) for i in range(cfg.batch_size)]
+            if stage.answers == "teacher":
+                examples = teacher.relabel(examples)
             loss, metric, value = ddp_model(examples, encoder_trainable, stage.name == "alignment")
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lclm_rag.errors import InputError
 from lclm_rag.eval import (RAG_MODES, answer_contained, evaluate_gold_passage, exact_match, f1_score, normalize_answer,
@@ -106,6 +107,22 @@ def test_rag_eval_resumes_an_interrupted_run(tmp_path, model):
     with pytest.raises(InputError, match="different evaluation.*seed"):
         run_rag_eval(data, [model], ["none"], resume=True, **dict(kwargs, seed=3))
     assert out.read_text() == before
+    # a retrained reader (same compressor, so the same stored latents): only the modes that read it are redone
+    marked = json.loads(before)
+    marked["predictions"] = {k: ["kept"] * 3 for k in marked["predictions"]}
+    out.write_text(json.dumps(marked))
+    projector = model.decoder.projector
+    saved = {k: v.clone() for k, v in projector.state_dict().items()}
+    try:
+        with torch.no_grad():
+            projector.fc2.bias.add_(0.5)
+        redone = run_rag_eval(data, [model], ["none", "latent"], resume=True, **kwargs)
+    finally:
+        projector.load_state_dict(saved)
+    assert redone["predictions"]["none"] == ["kept"] * 3  # the base decoder's answers do not depend on the checkpoint
+    assert redone["predictions"][label] != ["kept"] * 3 and redone["redone"] == [label]
+    assert [r["mode"] for r in redone["scores"]] == ["none", label]
+    assert json.loads(Path(f"{out}.previous.json").read_text()) == marked  # the replaced results are not lost
 
 
 def test_rag_eval_errors(tmp_path, model):

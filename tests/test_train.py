@@ -164,3 +164,40 @@ def test_alignment_needs_a_shared_tokenizer_and_trains_the_projector_only(tmp_pa
     model.decoder.tokenizer.add_tokens(["<extra-token>"])
     with pytest.raises(ConfigError, match="needs the encoder and decoder to share a tokenizer"):
         check_shared_tokenizer(model)
+
+
+def test_qa_stage_distils_the_full_text_teachers_answers(tmp_path, tiny_models):
+    from lclm_rag.train import ExampleSource, StageConfig, TeacherAnswers
+
+    with pytest.raises(ConfigError, match="answers must be one of"):
+        StageConfig(name="qa", steps=1, answers="silver")
+    with pytest.raises(ConfigError, match="applies to a qa stage"):
+        StageConfig(name="restoration", steps=1, answers="teacher")
+    raw = json.loads(_config(tmp_path, tiny_models, "pisco", steps=(1, 4)).read_text())
+    raw["stages"][1]["answers"] = "teacher"
+    raw["teacher_max_new_tokens"] = 6
+    path = tmp_path / "pisco.json"
+    path.write_text(json.dumps(raw))
+    cfg = TrainConfig.load(path)
+    train(cfg, max_steps=3)  # killed mid-stage, then resumed: the cached labels are reused, not regenerated
+    final = train(cfg)
+    rows = load_jsonl(tmp_path / "pisco" / "teacher_answers.0.jsonl")
+    keys = [r["key"] for r in rows]
+    assert rows and len(keys) == len(set(keys))
+    # the labels are what the base decoder (adapters off) answers from the passages as text
+    model = LatentContextModel.from_pretrained(final).eval()
+    source = ExampleSource(cfg, model)
+    stage = cfg.stages[1]
+    qa = [ex for ex in (source.example(1, stage, i) for i in range(4 * cfg.batch_size)) if ex.task == "qa"]
+    assert qa and {TeacherAnswers.key(ex) for ex in qa} == set(keys)
+    ex = qa[0]
+    with torch.no_grad(), model.decoder.base():
+        expected = model.decoder.generate_from_segments([model.decoder.segments(ex.user_message, ex.passages)], max_new_tokens=6)[0]
+    assert dict(zip(keys, (r["answer"] for r in rows)))[TeacherAnswers.key(ex)] == expected
+    assert expected != ex.target  # the teacher's answer, not the gold one, was trained on
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "examples" / "train").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_configs(recipe):
+    cfg = TrainConfig.load(recipe)
+    assert cfg.stages and all(Path(p).name != "squad_dev.jsonl" for p in cfg.qa_data)
