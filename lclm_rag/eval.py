@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lclm_rag.data import load_jsonl, sample_records
 from lclm_rag.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -51,24 +52,6 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
 def answer_contained(prediction: str, answers: Sequence[str]) -> float:
     pred = normalize_answer(prediction)
     return float(any(normalize_answer(a) and normalize_answer(a) in pred for a in answers))
-
-
-def load_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
-
-
-def sample_records(path: str | Path, n: int, seed: int = 0) -> list[dict]:
-    """A fixed sample of ``n`` records (same seed, same questions)."""
-    records = load_jsonl(path)
-    rng = random.Random(seed)
-    return rng.sample(records, min(n, len(records)))
 
 
 @dataclass

@@ -36,7 +36,8 @@ from lclm_rag.chunking import chunk_text
 from lclm_rag.config import LatentConfig
 from lclm_rag.decoder import slot_marker
 from lclm_rag.errors import ConfigError
-from lclm_rag.eval import evaluate_gold_passage, load_jsonl, restoration_accuracy, sample_records
+from lclm_rag.data import load_jsonl, load_records, parse_source, sample_records, shared_contexts
+from lclm_rag.eval import evaluate_gold_passage, restoration_accuracy
 from lclm_rag.model import LatentContextModel
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # LatentConfig fields for a fresh model
     init_from: str | None = None  # or start from this checkpoint (then `model` holds overrides, e.g. {"ratio": 8})
     calibration_passages: int = 256  # training passages that set a fresh projector's latent standardisation (0: off)
-    corpus: list[str] = field(default_factory=list)  # JSONL {"text"} files for restoration/continuation
-    qa_data: list[str] = field(default_factory=list)  # JSONL {"context","question","answers"} for qa
+    corpus: list[Any] = field(default_factory=list)  # {"text"} records for restoration/continuation: JSONL paths or dataset specs (lclm_rag.data)
+    qa_data: list[Any] = field(default_factory=list)  # {"context","question","answers"} records for qa: JSONL paths or dataset specs
     chunk_tokens: int = 64  # passage length for restoration/continuation
     batch_size: int = 8  # examples per process per step
     warmup_steps: int = 20
@@ -109,9 +110,8 @@ class TrainConfig:
         d["stages"] = [StageConfig(**s) for s in d.get("stages", [])]
         if not d["stages"]:
             raise ConfigError("a training config needs at least one stage")
-        for path in d.get("qa_data", []):
-            if Path(path).name == "squad_dev.jsonl":
-                raise ConfigError("squad_dev.jsonl is for evaluation only: remove it from qa_data")
+        for key in ("corpus", "qa_data"):  # JSONL paths stay strings; dataset specs become DatasetSpec
+            d[key] = [parse_source(s) for s in d.get(key, [])]
         return cls(**d)
 
     @classmethod
@@ -283,7 +283,7 @@ class ExampleSource:
     def __init__(self, cfg: TrainConfig, model: LatentContextModel) -> None:
         self.cfg, self.model = cfg, model
         tok = model.compressor.tokenizer
-        docs = [r for path in cfg.corpus for r in load_jsonl(path)]
+        docs = [r for src in cfg.corpus for r in load_records(src)]
         random.Random(cfg.seed).shuffle(docs)
         held_out = max(1, len(docs) // 100) if docs else 0
         self.eval_docs, train_docs = docs[:held_out], docs[held_out:]
@@ -296,7 +296,12 @@ class ExampleSource:
         self.eval_chunks = [c.text for d in self.eval_docs for c in chunk_text(d["text"], tok, cfg.chunk_tokens)][
             : cfg.eval_passages
         ]
-        self.qa = [r for path in cfg.qa_data for r in load_jsonl(path) if r.get("answers")]
+        self.qa = [r for src in cfg.qa_data for r in load_records(src) if r.get("answers")]
+        if cfg.qa_eval_file and self.qa:
+            overlap = shared_contexts(self.qa, cfg.qa_eval_file)
+            if overlap:
+                raise ConfigError(f"qa_data shares {overlap} passages with qa_eval_file {cfg.qa_eval_file}: "
+                                  "the evaluation would measure memorisation")
         self.qa_pool = sorted({r["context"] for r in self.qa})
 
     def example(self, stage_index: int, stage: StageConfig, position: int) -> Example:

@@ -104,6 +104,27 @@ def test_config_errors(tmp_path, tiny_models):
         TrainConfig.from_dict(raw)
 
 
+def test_qa_data_from_a_dataset_spec_and_eval_passages_refused(tmp_path, tiny_models):
+    """`datasets` specs train like JSONL files; QA passages shared with qa_eval_file are refused."""
+    hub_style = [{"context": r["context"], "question": r["question"], "answers": {"text": r["answers"], "answer_start": [0]}}
+                 for r in load_jsonl(SHARED / "qa" / "quoref.jsonl", limit=20)]
+    data = tmp_path / "qa_train.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in hub_style))
+    spec = {"dataset": "json", "data_files": str(data), "split": "train"}
+    raw = json.loads(_config(tmp_path, tiny_models, "hf", steps=(1, 2), qa_data=[spec]).read_text())
+    final = train(TrainConfig.from_dict(raw))
+    assert [r["stage"] for r in load_jsonl(tmp_path / "hf" / "log.jsonl") if r["type"] == "train"] == ["restoration", "qa", "qa"]
+    assert json.loads((tmp_path / "hf" / "train_config.json").read_text())["qa_data"][0]["dataset"] == "json"
+    assert (final / "config.json").exists()
+
+    leaked = tmp_path / "leak.jsonl"
+    leaked.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squad_dev.jsonl", limit=3)))
+    raw = json.loads(_config(tmp_path, tiny_models, "leak", qa_data=[str(leaked)],
+                             qa_eval_file=str(SHARED / "qa" / "squad_dev.jsonl")).read_text())
+    with pytest.raises(ConfigError, match=r"shares \d+ passages with qa_eval_file"):
+        train(TrainConfig.from_dict(raw))
+
+
 def test_part_lr_sets_each_part_its_own_learning_rate(tmp_path, tiny_models):
     raw = json.loads(_config(tmp_path, tiny_models, "plr", steps=(3, 0)).read_text())
     raw["stages"][0]["part_lr"] = {"decoder_lora": 0.0}  # frozen by its lr; the projector still learns at 1e-3
