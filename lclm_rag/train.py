@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("alignment", "restoration", "continuation", "qa")
 PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory")
+ENCODER_PARTS = {"encoder_lora", "encoder", "memory"}  # parts that shape the latents themselves
+DECODER_PARTS = {"boundary", "decoder_lora"}
 RESTORE_PROMPT = "Repeat the text above word for word."
 CONTINUE_PROMPT = "Continue the text above."
 ANSWER_SOURCES = ("gold", "teacher")
@@ -51,7 +53,7 @@ ANSWER_SOURCES = ("gold", "teacher")
 
 @dataclass
 class StageConfig:
-    name: str  # "alignment" (projector only, no decoder) | "restoration" | "continuation" | "qa"
+    name: str  # "alignment" (projector [+ encoder parts], no decoder) | "restoration" | "continuation" | "qa"
     steps: int  # optimizer steps in this stage
     lr: float = 5e-4  # peak learning rate (linear warmup, cosine decay to 10%)
     train: list[str] = field(default_factory=lambda: ["projector", "boundary", "decoder_lora"])  # parts to train
@@ -71,8 +73,9 @@ class StageConfig:
         unknown = set(self.train) - set(PARTS)
         if unknown:
             raise ConfigError(f"stage {self.name}: unknown parts {sorted(unknown)} (known: {PARTS})")
-        if self.name == "alignment" and set(self.train) != {"projector"}:
-            raise ConfigError(f"the alignment stage trains the projector only, not {sorted(set(self.train) - {'projector'})}")
+        if self.name == "alignment" and ("projector" not in self.train or set(self.train) & DECODER_PARTS):
+            raise ConfigError("the alignment stage trains the projector and, optionally, the parts that make the latents "
+                              f"({sorted(ENCODER_PARTS)}); the decoder does not run, got {sorted(self.train)}")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio <= 0):
             raise ConfigError(f"stage {self.name}: ratio must be a positive integer, got {self.ratio!r}")
         stray = set(self.part_lr) - set(self.train)
@@ -477,7 +480,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             _set_rng_state(saved["rng"])
-        encoder_trainable = any(p in stage.train for p in ("encoder", "encoder_lora", "memory"))
+        encoder_trainable = bool(ENCODER_PARTS & set(stage.train))
         if stage.answers == "teacher" and teacher is None:
             teacher = TeacherAnswers(cfg, model, out, rank, accelerator.device)
         model.train()

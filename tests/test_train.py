@@ -171,12 +171,36 @@ def test_alignment_then_a_ratio_curriculum(tmp_path, tiny_models):
     assert model.config.ratio == 4 and model.compress(["one two three four five six seven eight nine"])[0].shape[0] == 3
 
 
-def test_alignment_needs_a_shared_tokenizer_and_trains_the_projector_only(tmp_path, tiny_models):
+def test_memory_pooling_aligns_with_its_memory_embeddings(tmp_path, tiny_models):
+    from lclm_rag.config import LatentConfig
+
+    def run(name: str, parts: list[str]) -> LatentContextModel:
+        raw = json.loads(_config(tmp_path, tiny_models, name).read_text())
+        raw["model"].update(pooling="memory", encoder_layers=1)
+        raw["stages"] = [{"name": "alignment", "steps": 3, "lr": 1e-2, "train": parts},
+                         {"name": "restoration", "steps": 1, "lr": 1e-3, "train": [*parts, "decoder_lora"]}]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        return LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+
+    torch.manual_seed(3)  # the trainer seeds with cfg.seed before building the fresh model
+    start = LatentContextModel.from_config(LatentConfig(**json.loads(_config(tmp_path, tiny_models, "x").read_text())["model"]
+                                                       | {"pooling": "memory", "encoder_layers": 1}))
+    frozen, trained = run("frozen", ["projector"]), run("mem", ["projector", "memory"])
+    assert trained.config.pooling == "memory"
+    torch.testing.assert_close(frozen.compressor.memory_embeddings, start.compressor.memory_embeddings)
+    assert not torch.allclose(trained.compressor.memory_embeddings, start.compressor.memory_embeddings)
+    assert trained.compressor.fingerprint() != frozen.compressor.fingerprint() == start.compressor.fingerprint()
+
+
+def test_alignment_needs_a_shared_tokenizer_and_never_trains_the_decoder(tmp_path, tiny_models):
     from lclm_rag.config import LatentConfig
     from lclm_rag.train import StageConfig, check_shared_tokenizer
 
-    with pytest.raises(ConfigError, match="alignment stage trains the projector only"):
-        StageConfig(name="alignment", steps=1, train=["projector", "decoder_lora"])
+    for parts in (["projector", "decoder_lora"], ["projector", "boundary"], ["memory"]):
+        with pytest.raises(ConfigError, match="alignment stage trains the projector"):
+            StageConfig(name="alignment", steps=1, train=parts)
+    StageConfig(name="alignment", steps=1, train=["projector", "memory", "encoder_lora"])
     with pytest.raises(ConfigError, match="ratio must be a positive integer"):
         StageConfig(name="restoration", steps=1, ratio=0)
     enc, dec = tiny_models
