@@ -135,9 +135,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lclm_rag.train import main_from_config
+    from lclm_rag.train import TrainConfig, evaluate_heldout, main_from_config
 
-    print(main_from_config(args.config, max_steps=args.max_steps))
+    if not args.evaluate:
+        print(main_from_config(args.config, max_steps=args.max_steps))
+        return 0
+    cfg = TrainConfig.load(args.config)
+    results = {}
+    for checkpoint in args.evaluate:
+        results[checkpoint] = evaluate_heldout(cfg, checkpoint, batch_size=args.batch_size)
+        print(checkpoint, json.dumps(results[checkpoint]), flush=True)
+    if args.output:
+        Path(args.output).write_text(json.dumps({"recipe": args.config, "checkpoints": results}, indent=2) + "\n")
     return 0
 
 
@@ -219,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
     p.add_argument("--config", required=True, help="JSON or YAML training config")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    p.add_argument("--evaluate", action="append", metavar="CHECKPOINT",
+                   help="train nothing: restoration accuracy (and its control) of CHECKPOINT on every held-out "
+                        "chunk of the recipe's corpus split; repeatable")
+    p.add_argument("--batch-size", type=int, default=32, help="with --evaluate: chunks per batch (and per control rotation)")
+    p.add_argument("--output", help="with --evaluate: write the results as JSON here")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")

@@ -296,9 +296,8 @@ class ExampleSource:
             pieces = [c.text for c in chunk_text(doc["text"], tok, cfg.chunk_tokens)]
             self.chunks.extend(pieces)
             self.pairs.extend(zip(pieces, pieces[1:]))
-        self.eval_chunks = [c.text for d in self.eval_docs for c in chunk_text(d["text"], tok, cfg.chunk_tokens)][
-            : cfg.eval_passages
-        ]
+        self.heldout_chunks = [c.text for d in self.eval_docs for c in chunk_text(d["text"], tok, cfg.chunk_tokens)]
+        self.eval_chunks = self.heldout_chunks[: cfg.eval_passages]
         self.qa = [r for src in cfg.qa_data for r in load_records(src) if r.get("answers")]
         if cfg.qa_eval_file and self.qa:
             overlap = shared_contexts(self.qa, cfg.qa_eval_file)
@@ -545,6 +544,27 @@ def _evaluate(model: LatentContextModel, source: ExampleSource, cfg: TrainConfig
     logger.info("eval %s", record)
     with log_path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def evaluate_heldout(cfg: TrainConfig, checkpoint: str | Path, batch_size: int = 32) -> dict:
+    """Restoration accuracy of a checkpoint on every held-out chunk of a recipe's corpus split.
+
+    The split is the recipe's own (seeded), so a checkpoint trained with that recipe, or one it
+    started from, is measured on passages it never saw; in-training evals use only the first
+    ``eval_passages``. Chunks go in full batches of ``batch_size`` (the control gives each chunk
+    the latents of the next one in its batch) and the batch accuracies are averaged.
+    """
+    model = LatentContextModel.from_pretrained(checkpoint).eval()
+    chunks = ExampleSource(cfg, model).heldout_chunks
+    batches = [chunks[i : i + batch_size] for i in range(0, len(chunks) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ConfigError(f"the recipe holds out {len(chunks)} chunks, fewer than one batch of {batch_size}")
+    with torch.no_grad():
+        own = [restoration_accuracy(model, b) for b in batches]
+        control = [restoration_accuracy(model, b, control=True) for b in batches]
+    return {"passages": batch_size * len(batches), "ratio": model.config.ratio,
+            "fingerprint": model.compressor.fingerprint(),
+            "restoration_acc": round(float(np.mean(own)), 4), "control": round(float(np.mean(control)), 4)}
 
 
 def plot_curves(log_path: str | Path, png_path: str | Path) -> None:

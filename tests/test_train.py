@@ -246,3 +246,29 @@ def test_qa_stage_distils_the_full_text_teachers_answers(tmp_path, tiny_models):
 def test_shipped_recipes_are_valid_configs(recipe):
     cfg = TrainConfig.load(recipe)
     assert cfg.stages and all(Path(p).name != "squad_dev.jsonl" for p in cfg.qa_data)
+
+
+def test_evaluate_heldout_measures_the_recipes_unseen_chunks(tmp_path, tiny_models):
+    from lclm_rag.cli import main
+    from lclm_rag.config import LatentConfig
+    from lclm_rag.train import ExampleSource, evaluate_heldout
+
+    recipe = _config(tmp_path, tiny_models, "heldout")
+    cfg = TrainConfig.load(recipe)
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    checkpoint = model.save_pretrained(tmp_path / "ckpt")
+    source = ExampleSource(cfg, model)
+    assert source.heldout_chunks and not set(source.heldout_chunks) & set(source.chunks)
+    assert source.eval_chunks == source.heldout_chunks[: cfg.eval_passages]
+
+    result = evaluate_heldout(cfg, checkpoint, batch_size=8)
+    assert result["passages"] == 8 * (len(source.heldout_chunks) // 8) > 0
+    assert result["fingerprint"] == model.compressor.fingerprint() and result["ratio"] == 4
+    assert 0.0 <= result["control"] <= 1.0 and 0.0 <= result["restoration_acc"] <= 1.0
+
+    out = tmp_path / "heldout_result.json"
+    assert main(["train", "--config", str(recipe), "--evaluate", str(checkpoint), "--batch-size", "8",
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["checkpoints"][str(checkpoint)] == result  # deterministic
+    with pytest.raises(ConfigError, match="fewer than one batch of 100000"):
+        evaluate_heldout(cfg, checkpoint, batch_size=100_000)
