@@ -280,23 +280,32 @@ def param_groups(model: LatentContextModel, stage: StageConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- data
+def corpus_split(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """The recipe's seeded document split: (held-out 1%, training), the same in every run of it."""
+    docs = [r for src in cfg.corpus for r in load_records(src)]
+    random.Random(cfg.seed).shuffle(docs)
+    held_out = max(1, len(docs) // 100) if docs else 0
+    return docs[:held_out], docs[held_out:]
+
+
+def chunk_texts(docs: list[dict], tokenizer, chunk_tokens: int) -> list[str]:
+    return [c.text for d in docs for c in chunk_text(d["text"], tokenizer, chunk_tokens)]
+
+
 class ExampleSource:
     """Deterministic example streams per stage; position = examples consumed (for resume)."""
 
     def __init__(self, cfg: TrainConfig, model: LatentContextModel) -> None:
         self.cfg, self.model = cfg, model
         tok = model.compressor.tokenizer
-        docs = [r for src in cfg.corpus for r in load_records(src)]
-        random.Random(cfg.seed).shuffle(docs)
-        held_out = max(1, len(docs) // 100) if docs else 0
-        self.eval_docs, train_docs = docs[:held_out], docs[held_out:]
+        self.eval_docs, train_docs = corpus_split(cfg)
         self.chunks: list[str] = []
         self.pairs: list[tuple[str, str]] = []
         for doc in train_docs:
             pieces = [c.text for c in chunk_text(doc["text"], tok, cfg.chunk_tokens)]
             self.chunks.extend(pieces)
             self.pairs.extend(zip(pieces, pieces[1:]))
-        self.heldout_chunks = [c.text for d in self.eval_docs for c in chunk_text(d["text"], tok, cfg.chunk_tokens)]
+        self.heldout_chunks = chunk_texts(self.eval_docs, tok, cfg.chunk_tokens)
         self.eval_chunks = self.heldout_chunks[: cfg.eval_passages]
         self.qa = [r for src in cfg.qa_data for r in load_records(src) if r.get("answers")]
         if cfg.qa_eval_file and self.qa:
@@ -555,7 +564,7 @@ def evaluate_heldout(cfg: TrainConfig, checkpoint: str | Path, batch_size: int =
     the latents of the next one in its batch) and the batch accuracies are averaged.
     """
     model = LatentContextModel.from_pretrained(checkpoint).eval()
-    chunks = ExampleSource(cfg, model).heldout_chunks
+    chunks = chunk_texts(corpus_split(cfg)[0], model.compressor.tokenizer, cfg.chunk_tokens)  # no training data loaded
     batches = [chunks[i : i + batch_size] for i in range(0, len(chunks) - batch_size + 1, batch_size)]
     if not batches:
         raise ConfigError(f"the recipe holds out {len(chunks)} chunks, fewer than one batch of {batch_size}")
