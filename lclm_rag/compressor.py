@@ -244,14 +244,25 @@ class LatentCompressor(nn.Module):
             self.encoder.save_pretrained(str(directory / ENCODER_LORA_DIR))
 
     def load_trained(self, directory: str | Path) -> None:
-        from lclm_rag.checkpoint import load_safetensors, require_file
+        """Load the encoder-side parts the checkpoint trained.
+
+        A part this config adds to the checkpoint's own (an encoder LoRA or memory tokens
+        requested as an ``init_from`` override) keeps its fresh initialisation: a zero-init LoRA
+        leaves the checkpoint's latents unchanged until it is trained.
+        """
+        from lclm_rag.checkpoint import load_config, load_safetensors, require_file
 
         directory = Path(directory)
-        if self.memory_embeddings is not None:
+        saved = load_config(directory)
+        if self.memory_embeddings is not None and saved.pooling == "memory":
             state = load_safetensors(require_file(directory, COMPRESSOR_WEIGHTS))
             with torch.no_grad():
                 self.memory_embeddings.copy_(state["memory_embeddings"])
-        if self.config.encoder_lora:
+        elif self.memory_embeddings is not None:
+            logger.info("%s has no memory tokens: they start from their fresh initialisation", directory)
+        if self.config.encoder_lora and not saved.encoder_lora:
+            logger.info("%s has no encoder LoRA: a fresh (zero-init) one is added", directory)
+        elif self.config.encoder_lora:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 

@@ -270,9 +270,12 @@ class LatentDecoder(nn.Module):
             self.model.save_pretrained(str(directory / DECODER_LORA_DIR))
 
     def load_trained(self, directory: str | Path, projector_file: str = PROJECTOR_WEIGHTS) -> None:
-        from lclm_rag.checkpoint import load_safetensors, require_file
+        """Load the decoder-side parts the checkpoint trained; a decoder LoRA or learned boundary
+        this config adds to the checkpoint's own keeps its fresh initialisation."""
+        from lclm_rag.checkpoint import load_config, load_safetensors, require_file
 
         directory = Path(directory)
+        saved = load_config(directory)
         state = load_safetensors(require_file(directory, projector_file))
         expected = self.projector.state_dict()
         for key, value in state.items():
@@ -284,10 +287,10 @@ class LatentDecoder(nn.Module):
         for key in ("latent_shift", "latent_scale"):  # absent from LCLM adapters and uncalibrated projectors
             state.setdefault(key, expected[key])
         self.projector.load_state_dict(state, strict=True)
-        if self.boundary is not None:
+        if self.boundary is not None and saved.boundary == "learned":
             with torch.no_grad():
                 self.boundary.copy_(load_safetensors(require_file(directory, DECODER_WEIGHTS))["boundary"])
-        if self.config.decoder_lora:
+        if self.config.decoder_lora and saved.decoder_lora:
             from peft import set_peft_model_state_dict
 
             lora = load_safetensors(require_file(directory, f"{DECODER_LORA_DIR}/adapter_model.safetensors"))

@@ -104,7 +104,9 @@ class TrainConfig:
     qa_eval_samples: int = 50
     teacher: str = "base"  # answers="teacher": "base" = this decoder without its adapters, or a checkpoint name/path
     teacher_max_new_tokens: int = 32  # length budget of the teacher's answers
-    seed: int = 0
+    seed: int = 0  # fixes the held-out document split, the eval sample and the example streams
+    data_seed: int | None = None  # draw the example streams from this seed instead (keeps `seed`'s split):
+    # a run continued from a checkpoint of the same recipe family then sees new examples
     mixed_precision: str = "no"  # "no" on CPU (fp32); "bf16" on GPUs
 
     @classmethod
@@ -316,7 +318,8 @@ class ExampleSource:
         self.qa_pool = sorted({r["context"] for r in self.qa})
 
     def example(self, stage_index: int, stage: StageConfig, position: int) -> Example:
-        rng = random.Random(f"{self.cfg.seed}-{stage_index}-{position}")
+        seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
+        rng = random.Random(f"{seed}-{stage_index}-{position}")
         if stage.name != "restoration" and rng.random() < stage.mix_restoration:
             return restoration_example(rng.choice(self._need(self.chunks, "corpus")))
         if stage.name in ("restoration", "alignment"):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ import torch
 from lclm_rag.errors import ConfigError
 from lclm_rag.eval import load_jsonl
 from lclm_rag.model import LatentContextModel
-from lclm_rag.train import TrainConfig, train
+from lclm_rag.config import LatentConfig
+from lclm_rag.train import ExampleSource, TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -151,6 +153,35 @@ def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ra
     # the r4 statistics are kept (the projector was trained on them), not re-measured
     torch.testing.assert_close(r8.decoder.projector.latent_shift, model.decoder.projector.latent_shift)
     assert r8.compress(["one two three four five six seven eight nine"])[0].shape[0] == 2
+
+
+def test_init_from_can_add_an_encoder_lora_that_starts_as_the_identity(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "base", steps=(2, 1))))
+    base = LatentContextModel.from_pretrained(final)
+    assert not (final / "encoder_lora").exists()
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    widened = LatentContextModel.from_pretrained(final, encoder_lora=lora)
+    text = ["Call me Ishmael. Some years ago, never mind how long precisely."]
+    torch.testing.assert_close(widened.compress(text)[0], base.compress(text)[0])  # zero-init: same latents
+    cfg = json.loads(_config(tmp_path, tiny_models, "enc", steps=(1, 2)).read_text())
+    cfg.update(init_from=str(final), model={"encoder_lora": lora})
+    cfg["stages"] = [{"name": "qa", "steps": 2, "lr": 1e-2, "distractors": 1, "train": ["encoder_lora", "projector"]}]
+    path = tmp_path / "enc.json"
+    path.write_text(json.dumps(cfg))
+    tuned = LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+    assert tuned.config.encoder_lora and tuned.fingerprint() != base.fingerprint()
+    assert not torch.allclose(tuned.compress(text)[0], base.compress(text)[0])  # the trained LoRA shapes the latents
+
+
+def test_data_seed_draws_new_examples_but_keeps_the_held_out_split(tmp_path, tiny_models):
+    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "seeds"))
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    same, other = ExampleSource(cfg, model), ExampleSource(dataclasses.replace(cfg, data_seed=7), model)
+    assert other.heldout_chunks == same.heldout_chunks and other.chunks == same.chunks
+    stage = cfg.stages[0]
+    drawn = [(same.example(0, stage, i).target, other.example(0, stage, i).target) for i in range(8)]
+    assert sum(a != b for a, b in drawn) >= 6
+    assert [same.example(0, stage, i).target for i in range(8)] == [a for a, _ in drawn]  # still deterministic
 
 
 def test_alignment_then_a_ratio_curriculum(tmp_path, tiny_models):
