@@ -250,9 +250,9 @@ class LatentCompressor(nn.Module):
         requested as an ``init_from`` override) keeps its fresh initialisation: a zero-init LoRA
         leaves the checkpoint's latents unchanged until it is trained.
         """
-        from lclm_rag.checkpoint import load_config, load_safetensors, require_file
+        from lclm_rag.checkpoint import load_config, load_safetensors, require_file, resolve_checkpoint
 
-        directory = Path(directory)
+        directory = resolve_checkpoint(directory)  # a packaged checkpoint's name, or a path
         saved = load_config(directory)
         if self.memory_embeddings is not None and saved.pooling == "memory":
             state = load_safetensors(require_file(directory, COMPRESSOR_WEIGHTS))

@@ -272,9 +272,9 @@ class LatentDecoder(nn.Module):
     def load_trained(self, directory: str | Path, projector_file: str = PROJECTOR_WEIGHTS) -> None:
         """Load the decoder-side parts the checkpoint trained; a decoder LoRA or learned boundary
         this config adds to the checkpoint's own keeps its fresh initialisation."""
-        from lclm_rag.checkpoint import load_config, load_safetensors, require_file
+        from lclm_rag.checkpoint import load_config, load_safetensors, require_file, resolve_checkpoint
 
-        directory = Path(directory)
+        directory = resolve_checkpoint(directory)  # a packaged checkpoint's name, or a path
         saved = load_config(directory)
         state = load_safetensors(require_file(directory, projector_file))
         expected = self.projector.state_dict()

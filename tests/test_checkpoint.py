@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lclm_rag.compressor import LatentCompressor
 from lclm_rag.config import LatentConfig
 from lclm_rag.errors import CheckpointError, ConfigError
 from lclm_rag.model import LatentContextModel
@@ -150,4 +151,9 @@ def test_packaged_checkpoints_load_at_their_ratio():
         model = LatentContextModel.from_pretrained(name)
         assert model.config.ratio == ratio
         tokens = len(model.compressor.tokenize([text])[0])
-        assert model.compress([text])[0].shape == (math.ceil(tokens / ratio), 576)
+        latents = model.compress([text])[0]
+        assert latents.shape == (math.ceil(tokens / ratio), 576)
+        # ingestion loads only the encoder side, by the same name: the same latents and fingerprint
+        compressor = LatentCompressor.from_pretrained(name).eval()
+        assert compressor.fingerprint() == model.fingerprint()
+        torch.testing.assert_close(compressor.compress([text])[0], latents)
