@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lclm_rag.config import LatentConfig
 from lclm_rag.errors import ConfigError
 from lclm_rag.eval import load_jsonl
 from lclm_rag.model import LatentContextModel
-from lclm_rag.config import LatentConfig
 from lclm_rag.train import ExampleSource, TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
