@@ -25,7 +25,7 @@ from torch import nn
 
 from lclm_rag.config import LatentConfig
 from lclm_rag.errors import ConfigError, InputError
-from lclm_rag.hub import resolve_model
+from lclm_rag.hub import keep_reference, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def load_encoder(name_or_path: str, num_layers: int | None, dtype: torch.dtype =
         hf_logging.set_verbosity(verbosity)
     if len(_transformer_layers(model)) != (num_layers or total):
         raise ConfigError(f"could not truncate {name_or_path!r} to {num_layers} layers")
+    keep_reference(model, name_or_path)
     model.eval()
     return model
 

@@ -21,7 +21,7 @@ from torch import nn
 from lclm_rag.compressor import tensor_digest
 from lclm_rag.config import LatentConfig
 from lclm_rag.errors import ConfigError, InputError
-from lclm_rag.hub import resolve_model
+from lclm_rag.hub import keep_reference, resolve_model
 from lclm_rag.projector import Projector
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
@@ -59,7 +59,10 @@ class LatentDecoder(nn.Module):
 
         self.config = config
         path = None if model is not None and tokenizer is not None else resolve_model(config.decoder)
-        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            keep_reference(model, config.decoder)
+        self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         hidden = self.model.get_input_embeddings().weight.shape[1]
         if config.decoder_hidden_size and config.decoder_hidden_size != hidden:

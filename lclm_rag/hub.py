@@ -85,6 +85,16 @@ _PACKAGED = {
 }
 
 
+def keep_reference(model, name_or_path: str | os.PathLike) -> None:
+    """Record the id the user gave, not the local directory it resolved to, as the model's name.
+
+    peft writes this name into ``adapter_config.json`` and the adapter card, so checkpoints saved
+    on one machine name ``HuggingFaceTB/SmolLM2-135M-Instruct`` rather than this machine's cache.
+    """
+    model.name_or_path = str(name_or_path)
+    model.config._name_or_path = str(name_or_path)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """Return a local directory for ``name_or_path``, or a hub id that transformers can load.
 

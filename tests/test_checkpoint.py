@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.config import LatentConfig
 from lclm_rag.errors import CheckpointError, ConfigError
+from lclm_rag.hub import lclm_home
 from lclm_rag.model import LatentContextModel
 from lclm_rag.projector import Projector
 
@@ -27,6 +28,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, passages):
     assert files == ["compressor.safetensors", "config.json", "decoder.safetensors", "decoder_lora", "encoder_lora", "projector.safetensors"]
     size = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
     assert size < 25e6, "base weights must be referenced, never copied"
+    for part, base in (("encoder_lora", cfg.encoder), ("decoder_lora", cfg.decoder)):
+        adapter = json.loads((tmp_path / "ckpt" / part / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == base, "adapters name the model id, not this machine's cache"
+        assert str(lclm_home()) not in (tmp_path / "ckpt" / part / "README.md").read_text()
     loaded = LatentContextModel.from_pretrained(tmp_path / "ckpt")
     assert loaded.config.to_dict() == model.config.to_dict()
     a, b = dict(model.named_parameters()), dict(loaded.named_parameters())
