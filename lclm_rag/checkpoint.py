@@ -48,6 +48,19 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+def save_adapter(peft_model, directory: str | Path) -> None:
+    """Save a peft adapter; embedding rows only when the adapter targets an embedding layer.
+
+    peft's default ("auto") asks the hub whether the base model's vocabulary changed, a network
+    call on every checkpoint save that fails (with warnings) offline and learns nothing here.
+    """
+    from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+    targets = peft_model.peft_config["default"].target_modules or ()
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    peft_model.save_pretrained(str(directory), save_embedding_layers=any(t in EMBEDDING_LAYER_NAMES for t in targets))
+
+
 def packaged_checkpoints() -> dict[str, Path]:
     """Trained compressors shipped with the package, by name (e.g. ``smollm2-135m-r4``)."""
     if not PACKAGED_DIR.is_dir():

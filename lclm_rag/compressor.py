@@ -237,12 +237,14 @@ class LatentCompressor(nn.Module):
         """Write only the trained encoder-side parts into a checkpoint directory."""
         from safetensors.torch import save_file
 
+        from lclm_rag.checkpoint import save_adapter
+
         directory = Path(directory)
         state = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
         if state:
             save_file(state, str(directory / COMPRESSOR_WEIGHTS))
         if self.config.encoder_lora:
-            self.encoder.save_pretrained(str(directory / ENCODER_LORA_DIR))
+            save_adapter(self.encoder, directory / ENCODER_LORA_DIR)
 
     def load_trained(self, directory: str | Path) -> None:
         """Load the encoder-side parts the checkpoint trained.

@@ -265,12 +265,14 @@ class LatentDecoder(nn.Module):
     def save_trained(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
 
+        from lclm_rag.checkpoint import save_adapter
+
         directory = Path(directory)
         save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, str(directory / PROJECTOR_WEIGHTS))
         if self.boundary is not None:
             save_file({"boundary": self.boundary.detach().contiguous()}, str(directory / DECODER_WEIGHTS))
         if self.config.decoder_lora:
-            self.model.save_pretrained(str(directory / DECODER_LORA_DIR))
+            save_adapter(self.model, directory / DECODER_LORA_DIR)
 
     def load_trained(self, directory: str | Path, projector_file: str = PROJECTOR_WEIGHTS) -> None:
         """Load the decoder-side parts the checkpoint trained; a decoder LoRA or learned boundary

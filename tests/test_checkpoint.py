@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -23,7 +24,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, passages):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
-    model.save_pretrained(tmp_path / "ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "ckpt")
+    assert not [w for w in caught if "config file" in str(w.message)], "saving must not ask the hub about the base model"
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["compressor.safetensors", "config.json", "decoder.safetensors", "decoder_lora", "encoder_lora", "projector.safetensors"]
     size = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
