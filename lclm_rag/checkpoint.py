@@ -56,9 +56,8 @@ def save_adapter(peft_model, directory: str | Path) -> None:
     """
     from peft.utils.other import EMBEDDING_LAYER_NAMES
 
-    targets = peft_model.peft_config["default"].target_modules or ()
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    peft_model.save_pretrained(str(directory), save_embedding_layers=any(t in EMBEDDING_LAYER_NAMES for t in targets))
+    targets = peft_model.peft_config[peft_model.active_adapter].target_modules or ()  # a set, or one regex string
+    peft_model.save_pretrained(str(directory), save_embedding_layers=any(name in targets for name in EMBEDDING_LAYER_NAMES))
 
 
 def packaged_checkpoints() -> dict[str, Path]:
