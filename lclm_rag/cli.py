@@ -134,6 +134,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lclm_rag.bench import markdown_table
+    from lclm_rag.eval import paired_comparison
+
+    results = []
+    for path in (args.new, args.old):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file")
+        results.append(json.loads(Path(path).read_text()))
+    rows = paired_comparison(*results, mode=args.mode, old_mode=args.old_mode, data=args.data)
+    print(f"{args.new} [{args.mode}] - {args.old} [{args.old_mode or args.mode}], paired over the same questions\n")
+    print(markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lclm_rag.train import TrainConfig, evaluate_heldout, main_from_config
 
@@ -224,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON with scores and predictions (rewritten as the run goes)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="paired difference of two `eval --output` results on the same questions, with standard errors")
+    p.add_argument("new", help="result JSON of the newer checkpoint")
+    p.add_argument("old", help="result JSON to compare it with (the same data, sample size and seed)")
+    p.add_argument("--mode", default="latent", help="predictions to compare (default: latent)")
+    p.add_argument("--old-mode", help="predictions to read in OLD (default: --mode), e.g. text against latent")
+    p.add_argument("--data", help="the data file, when the path recorded in the results does not resolve from here")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
     p.add_argument("--config", required=True, help="JSON or YAML training config")

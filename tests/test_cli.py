@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -21,3 +22,16 @@ def test_eval_rejects_unknown_modes_and_missing_data(tmp_path):
     assert res.returncode == 2 and "unknown modes ['oracle']" in res.stderr
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_compare_prints_the_paired_table_of_two_results(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"context": "c", "question": "q", "answers": ["Paris"]}\n{"context": "d", "question": "r", "answers": ["Paris"]}\n')
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(json.dumps({"data": str(data), "n": 2, "seed": 0, "predictions": {"latent": ["Paris", "Paris"]}}))
+    old.write_text(json.dumps({"data": str(data), "n": 2, "seed": 0, "predictions": {"latent": ["Paris", "Milan"]}}))
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "compare", str(new), str(old)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| exact_match | 1.0 | 0.5 | 0.5 | 0.5 | 1.0 |" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "compare", str(new), str(tmp_path / "none.json")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "none.json: no such file" in res.stderr

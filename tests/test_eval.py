@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lclm_rag.errors import InputError
+from lclm_rag.data import sample_records
 from lclm_rag.eval import (RAG_MODES, answer_contained, evaluate_gold_passage, exact_match, f1_score, normalize_answer,
-                           plot_quality_latency, restoration_accuracy, run_rag_eval)
+                           paired_comparison, plot_quality_latency, restoration_accuracy, run_rag_eval)
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -134,3 +135,26 @@ def test_rag_eval_errors(tmp_path, model):
     bad.write_text(json.dumps({"context": "c", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="record 0 needs context, question and non-empty answers"):
         run_rag_eval(bad, [model], ["none"])
+
+
+def test_paired_comparison_scores_each_question_against_the_same_question(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"context": f"c{i}", "question": f"q{i}", "answers": [f"answer {i}"]} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    order = [r["question"] for r in sample_records(data, 4, seed=3)]  # the order the results are in
+    right = {q: f"answer {q[1:]}" for q in order}
+    # new: right on the first 3 questions, old: right on the first only; both 2 words per answer
+    new = {"data": str(data), "n": 4, "seed": 3, "predictions": {"latent": [right[q] if i < 3 else "no idea" for i, q in enumerate(order)]}}
+    old = {"data": "elsewhere/qa.jsonl", "n": 4, "seed": 3, "predictions": {"text": [right[q] if i < 1 else "no idea" for i, q in enumerate(order)]}}
+    rows = {r["metric"]: r for r in paired_comparison(new, old, mode="latent", old_mode="text")}
+    em = rows["exact_match"]
+    assert (em["new"], em["old"], em["difference"]) == (0.75, 0.25, 0.5)
+    assert em["standard_error"] == pytest.approx(torch.tensor([0.0, 1, 1, 0]).std().item() / 2)
+    assert rows["answer_words"]["difference"] == 0.0
+    # not the same questions, a missing mode, an unfinished run: clear errors, nothing compared
+    with pytest.raises(InputError, match="did not answer the same questions: seed 3 vs 4"):
+        paired_comparison(new, {**old, "seed": 4}, mode="latent", old_mode="text")
+    with pytest.raises(InputError, match="no predictions for mode 'latent'; it has \\['text'\\]"):
+        paired_comparison(new, old)
+    with pytest.raises(InputError, match="3 predictions for 4 questions"):
+        paired_comparison(new, {**old, "predictions": {"text": ["x"] * 3}}, mode="latent", old_mode="text")
