@@ -104,8 +104,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _rounded_table(rows: list[dict]) -> str:
+    """Score rows as a markdown table, floats to 4 decimals."""
     from lclm_rag.bench import markdown_table
+
+    return markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from lclm_rag.eval import GOLD_MODES, RAG_MODES, plot_quality_latency, run_gold_eval, run_rag_eval
     from lclm_rag.model import load_model
 
@@ -125,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               output=args.output, resume=args.resume)
         if args.plot:
             plot_quality_latency(result, args.plot)
-    table = markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result["scores"]])
+    table = _rounded_table(result["scores"])
     if args.output:
         machine = result.get("machine") or {}
         header = f"{result['n']} questions of {args.data}, seed {args.seed}" + (f", measured {machine['date']} on {machine['cores']} cores" if machine else "")
@@ -135,7 +141,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lclm_rag.bench import markdown_table
     from lclm_rag.eval import paired_comparison
 
     results = []
@@ -145,7 +150,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         results.append(json.loads(Path(path).read_text()))
     rows = paired_comparison(*results, mode=args.mode, old_mode=args.old_mode, data=args.data)
     print(f"{args.new} [{args.mode}] - {args.old} [{args.old_mode or args.mode}], paired over the same questions\n")
-    print(markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]))
+    print(_rounded_table(rows))
     return 0
 
 

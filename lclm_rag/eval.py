@@ -171,10 +171,10 @@ def paired_comparison(new: dict, old: dict, mode: str = "latent", old_mode: str 
         values = {label: torch.tensor([metric(p, r["answers"]) for p, r in zip(preds, records)], dtype=torch.float64)
                   for label, preds in predictions.items()}
         diffs = values["new"] - values["old"]
+        mean = diffs.mean().item()
         se = (diffs.std() / len(diffs) ** 0.5).item() if len(diffs) > 1 else float("nan")
         rows.append({"metric": name, "new": values["new"].mean().item(), "old": values["old"].mean().item(),
-                     "difference": diffs.mean().item(), "standard_error": se,
-                     "in_standard_errors": diffs.mean().item() / se if se > 0 else float("nan")})
+                     "difference": mean, "standard_error": se, "in_standard_errors": mean / se if se > 0 else float("nan")})
     return rows
 
 
