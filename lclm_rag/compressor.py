@@ -1,14 +1,19 @@
 """The encoder side: text -> a few latent vectors per passage (1 per `ratio` tokens).
 
-Two pooling modes from the literature:
+Three pooling modes from the literature:
 - ``mean`` (LCLM): the encoder's last hidden states are split into groups of ``ratio`` tokens
   and each group is averaged (a short last group averages only its real tokens).
 - ``memory`` (Squid): ``ceil(T / ratio)`` learned memory embeddings are appended after the
   passage and their hidden states are the latents.
+- ``concat`` (LCLM's order-aware ablation): a group's ``ratio`` states are joined into one
+  ``ratio * hidden`` vector and a trained linear layer maps it back to ``hidden``, so the order
+  of the tokens inside a group survives. The layer starts as mean pooling.
 
-Passages longer than ``encoder_window`` are cut into windows, each compressed on its own, and
-the latents concatenated: nothing is truncated. Batches are right-padded, so with causal
-attention a passage's latents do not depend on what it is batched with.
+Attention inside a window is the encoder LM's own causal mask, or ``bidirectional`` (every
+token sees the whole window: a later token shapes an earlier latent). Passages longer than
+``encoder_window`` are cut into windows, each compressed on its own, and the latents
+concatenated: nothing is truncated. Batches are right-padded and padding is masked out as a
+key, so a passage's latents do not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -68,6 +73,39 @@ def load_encoder(name_or_path: str, num_layers: int | None, dtype: torch.dtype =
     return model
 
 
+class ConcatPool(nn.Module):
+    """Order-aware pooling: ``[h_1; ...; h_r] -> W [h_1; ...; h_r]`` with ``W`` of shape (hidden, r * hidden).
+
+    ``W`` starts as ``[I/r, ..., I/r]`` (mean pooling), so a fresh layer changes nothing until
+    trained. A short last group is filled with the mean of its real states, which keeps the
+    equality with mean pooling there too.
+    """
+
+    def __init__(self, hidden: int, ratio: int) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.proj = nn.Linear(ratio * hidden, hidden, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(hidden).repeat(1, ratio) / ratio)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` (n, hidden) -> (ceil(n / ratio), hidden)."""
+        r = self.ratio
+        count, rest = divmod(states.shape[0], r)
+        if rest:
+            tail = states[count * r :]
+            states = torch.cat([states, tail.mean(0, keepdim=True).expand(r - rest, -1)])
+            count += 1
+        return self.proj(states.reshape(count, r * states.shape[-1]).to(self.proj.weight.dtype))
+
+
+def bidirectional_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, 1, T, T) additive mask: every query sees every real key of its row, no padding."""
+    blocked = torch.finfo(dtype).min
+    keys = mask[:, None, None, :].to(torch.bool)
+    return torch.zeros((mask.shape[0], 1, mask.shape[1], mask.shape[1]), dtype=dtype, device=mask.device).masked_fill(~keys, blocked)
+
+
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over named tensors, cast to float32 so the dtype a model is run in does not matter."""
     h = hashlib.sha256()
@@ -101,6 +139,7 @@ class LatentCompressor(nn.Module):
             self.memory_embeddings = nn.Parameter(init.to(embed.dtype))
         else:
             self.memory_embeddings = None
+        self.concat_pool = ConcatPool(hidden, config.ratio) if config.pooling == "concat" else None
         if config.encoder_lora:
             from peft import LoraConfig, get_peft_model
 
@@ -153,11 +192,17 @@ class LatentCompressor(nn.Module):
                 rows.append(torch.cat([embeds[i, :n], self.memory_embeddings[:c].to(embeds.dtype), embeds[i, n + c :]]))
             embeds = torch.stack(rows)
         self.encoder_calls += 1
-        hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        attention = bidirectional_mask(mask, embeds.dtype) if self.config.encoder_attention == "bidirectional" else mask
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
+        # a ratio curriculum (training) may run a concat model below its ratio: it pools by mean there
+        concat = self.concat_pool if self.concat_pool is not None and self.concat_pool.ratio == r else None
         out = []
         for i, (n, c) in enumerate(zip(lens, counts)):
             if memory:
                 out.append(hidden[i, n : n + c])
+                continue
+            if concat is not None:
+                out.append(concat(hidden[i, :n]).to(hidden.dtype))
                 continue
             h = hidden[i, :n]
             pad = c * r - n
@@ -202,14 +247,17 @@ class LatentCompressor(nn.Module):
 
     # ------------------------------------------------------------------ identity
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The compressor's own trained tensors (memory embeddings); LoRA is saved by peft."""
-        return {} if self.memory_embeddings is None else {"memory_embeddings": self.memory_embeddings.detach()}
+        """The compressor's own trained tensors (memory embeddings, concat pooling); LoRA is saved by peft."""
+        state = {} if self.memory_embeddings is None else {"memory_embeddings": self.memory_embeddings.detach()}
+        if self.concat_pool is not None:
+            state["concat_pool"] = self.concat_pool.proj.weight.detach()
+        return state
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the stored latents.
 
-        Encoder weights (as used, after truncation and any LoRA), pooling, ratio, window and
-        memory embeddings. Projector and decoder are excluded: retraining them never forces
+        Encoder weights (as used, after truncation and any LoRA), attention, pooling (and its
+        trained weights), ratio, window and memory embeddings. Projector and decoder are excluded: retraining them never forces
         re-ingestion. Cached; call ``reset_fingerprint()`` after training the encoder side.
         """
         if self._fingerprint is None:
@@ -223,6 +271,8 @@ class LatentCompressor(nn.Module):
                 "encoder_window": c.encoder_window,
                 "tokenizer": type(self.tokenizer).__name__ + str(len(self.tokenizer)),
             }
+            if c.encoder_attention != "causal":  # absent for causal: fingerprints of earlier releases stay valid
+                parts["encoder_attention"] = c.encoder_attention
             self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
         return self._fingerprint
 
@@ -263,6 +313,12 @@ class LatentCompressor(nn.Module):
                 self.memory_embeddings.copy_(state["memory_embeddings"])
         elif self.memory_embeddings is not None:
             logger.info("%s has no memory tokens: they start from their fresh initialisation", directory)
+        if self.concat_pool is not None and saved.pooling == "concat" and saved.ratio == self.concat_pool.ratio:
+            state = load_safetensors(require_file(directory, COMPRESSOR_WEIGHTS))
+            with torch.no_grad():
+                self.concat_pool.proj.weight.copy_(state["concat_pool"])
+        elif self.concat_pool is not None:
+            logger.info("%s has no concat pooling at 1:%d: it starts as mean pooling", directory, self.concat_pool.ratio)
         if self.config.encoder_lora and not saved.encoder_lora:
             logger.info("%s has no encoder LoRA: a fresh (zero-init) one is added", directory)
         elif self.config.encoder_lora:

@@ -15,7 +15,8 @@ from lclm_rag.hub import DEFAULT_LM
 CONFIG_NAME = "config.json"
 FORMAT_NAME = "lclm-rag"
 FORMAT_VERSION = 1
-POOLING_MODES = ("mean", "memory")
+POOLING_MODES = ("mean", "memory", "concat")
+ATTENTION_MODES = ("causal", "bidirectional")
 BOUNDARY_MODES = ("learned", "tokens")
 
 
@@ -28,9 +29,13 @@ class LatentConfig:
 
     # --- encoder side: everything here determines the stored latents (see fingerprint) ---
     encoder: str = DEFAULT_LM  # HF id or local path of the encoder causal LM
-    encoder_layers: int | None = 4  # keep only the first k transformer layers (None: all)
+    encoder_layers: int | None = 2  # keep only the first k transformer layers (None: all)
+    encoder_attention: str = "causal"  # inside a window: "causal" (the LM as pretrained) or
+    #                                    "bidirectional" (every token sees the whole window)
     pooling: str = "mean"  # "mean": average hidden states per group of `ratio` tokens (LCLM);
-    #                        "memory": append learned memory tokens, take their states (Squid)
+    #                        "memory": append learned memory tokens, take their states (Squid);
+    #                        "concat": join a group's `ratio` states, map back to the latent width
+    #                        with a trained linear layer (order-aware; starts equal to "mean")
     ratio: int = 4  # tokens per latent vector: n = ceil(T / ratio)
     encoder_window: int = 512  # tokens per encoder forward (rounded down to a multiple of ratio);
     #                            longer passages are compressed window by window
@@ -63,6 +68,8 @@ class LatentConfig:
             raise ConfigError(f"ratio must be a positive integer (tokens per latent), got {self.ratio!r}")
         if self.pooling not in POOLING_MODES:
             raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.encoder_attention not in ATTENTION_MODES:
+            raise ConfigError(f"encoder_attention must be one of {ATTENTION_MODES}, got {self.encoder_attention!r}")
         if self.boundary not in BOUNDARY_MODES:
             raise ConfigError(f"boundary must be one of {BOUNDARY_MODES}, got {self.boundary!r}")
         if self.encoder_layers is not None and (not isinstance(self.encoder_layers, int) or self.encoder_layers <= 0):

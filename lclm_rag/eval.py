@@ -54,8 +54,27 @@ def answer_contained(prediction: str, answers: Sequence[str]) -> float:
     return float(any(normalize_answer(a) and normalize_answer(a) in pred for a in answers))
 
 
+def is_numeric_answer(answer: str) -> bool:
+    return any(ch.isdigit() for ch in answer)
+
+
+def is_capitalised_answer(answer: str) -> bool:
+    return answer.strip()[:1].isupper()
+
+
+def in_passage(prediction: str, passage: str) -> bool:
+    """Does the (normalised) answer occur in the (normalised) passage? An empty answer does not."""
+    pred = normalize_answer(prediction)
+    return bool(pred) and f" {pred} " in f" {normalize_answer(passage)} "
+
+
 @dataclass
 class QAScores:
+    """Scores of one mode. The diagnostics say where answers go wrong: ``not_in_passage`` is the
+    share of answers found nowhere in the gold passage (invented rather than read), and
+    ``numeric_em`` / ``capitalised_em`` are EM over the questions whose first gold answer holds a
+    digit / starts with a capital (names, places), counted in ``numeric_n`` / ``capitalised_n``."""
+
     mode: str
     n: int
     answer_contained: float
@@ -63,22 +82,37 @@ class QAScores:
     f1: float
     mean_answer_words: float
     seconds_per_question: float
+    not_in_passage: float = float("nan")
+    numeric_n: int = 0
+    numeric_em: float = float("nan")
+    capitalised_n: int = 0
+    capitalised_em: float = float("nan")
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
 
 
+def _subset_mean(values: list[float], keep: list[bool]) -> tuple[int, float]:
+    chosen = [v for v, k in zip(values, keep) if k]
+    return len(chosen), (sum(chosen) / len(chosen) if chosen else float("nan"))
+
+
 def score_predictions(mode: str, predictions: Sequence[str], records: Sequence[dict], seconds: float) -> QAScores:
     n = len(records)
     answers = [r["answers"] for r in records]
+    em = [exact_match(p, a) for p, a in zip(predictions, answers)]
+    numeric_n, numeric_em = _subset_mean(em, [is_numeric_answer(a[0]) for a in answers])
+    capitalised_n, capitalised_em = _subset_mean(em, [is_capitalised_answer(a[0]) for a in answers])
     return QAScores(
         mode=mode,
         n=n,
         answer_contained=sum(answer_contained(p, a) for p, a in zip(predictions, answers)) / n,
-        exact_match=sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
+        exact_match=sum(em) / n,
         f1=sum(f1_score(p, a) for p, a in zip(predictions, answers)) / n,
         mean_answer_words=sum(len(p.split()) for p in predictions) / n,
         seconds_per_question=seconds / n,
+        not_in_passage=sum(not in_passage(p, r["context"]) for p, r in zip(predictions, records)) / n,
+        numeric_n=numeric_n, numeric_em=numeric_em, capitalised_n=capitalised_n, capitalised_em=capitalised_em,
     )
 
 
@@ -176,6 +210,54 @@ def paired_comparison(new: dict, old: dict, mode: str = "latent", old_mode: str 
         rows.append({"metric": name, "new": values["new"].mean().item(), "old": values["old"].mean().item(),
                      "difference": mean, "standard_error": se, "in_standard_errors": mean / se if se > 0 else float("nan")})
     return rows
+
+
+TOKEN_CLASSES = ("all", "digit", "capitalised")
+
+
+def token_classes(tokenizer, text: str) -> list[set[str]]:
+    """The classes of each token of ``text`` (decoder ids, no special tokens), plus EOS (``all`` only).
+
+    ``digit``: the token holds a digit; ``capitalised``: the token belongs to a word that starts
+    with an upper-case letter (names, places, sentence starts).
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", text)]
+    classes = []
+    for start, end in enc["offset_mapping"]:
+        piece = text[start:end]
+        found = {"all"}
+        if any(ch.isdigit() for ch in piece):
+            found.add("digit")
+        word = next((w for a, b, w in words if a <= start < b or (start < a < end)), "")
+        if word[:1].isupper():
+            found.add("capitalised")
+        classes.append(found)
+    return classes + [{"all"}]
+
+
+@torch.no_grad()
+def restoration_breakdown(model, passages: Sequence[str], control: bool = False) -> dict[str, dict]:
+    """Restoration accuracy per token class (``TOKEN_CLASSES``): where the latents lose information.
+
+    Returns ``{class: {"correct", "total", "accuracy"}}``; ``control`` as in ``restoration_accuracy``.
+    """
+    from lclm_rag.train import restoration_example, teacher_forced_batch
+
+    latents = model.compressor.encode_ids(model.compressor.tokenize(passages))
+    if control:
+        latents = latents[1:] + latents[:1]
+    _, hits = teacher_forced_batch(model, [restoration_example(p) for p in passages], latents, per_token=True)
+    counts = {c: [0, 0] for c in TOKEN_CLASSES}
+    for passage, row in zip(passages, hits, strict=True):
+        classes = token_classes(model.decoder.tokenizer, passage)
+        if len(classes) != len(row):
+            raise RuntimeError(f"token classes ({len(classes)}) and restored tokens ({len(row)}) disagree")
+        for found, hit in zip(classes, row.tolist()):
+            for c in found:
+                counts[c][0] += int(hit)
+                counts[c][1] += 1
+    return {c: {"correct": k, "total": n, "accuracy": k / n if n else float("nan")} for c, (k, n) in counts.items()}
 
 
 @torch.no_grad()

@@ -43,8 +43,8 @@ from lclm_rag.model import LatentContextModel
 logger = logging.getLogger(__name__)
 
 STAGES = ("alignment", "restoration", "continuation", "qa")
-PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory")
-ENCODER_PARTS = {"encoder_lora", "encoder", "memory"}  # parts that shape the latents themselves
+PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory", "pooling")
+ENCODER_PARTS = {"encoder_lora", "encoder", "memory", "pooling"}  # parts that shape the latents themselves
 DECODER_PARTS = {"boundary", "decoder_lora"}
 RESTORE_PROMPT = "Repeat the text above word for word."
 CONTINUE_PROMPT = "Continue the text above."
@@ -121,12 +121,44 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
+        """A recipe file; ``"base": "other.json"`` (relative to it) starts from another recipe,
+        whose fields this one overrides (dicts merged key by key, lists replaced)."""
+        return cls.from_dict(load_recipe(path))
+
+
+def _read_recipe_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return cls.from_dict(yaml.safe_load(text))
-        return cls.from_dict(json.loads(text))
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"recipe {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must hold an object of training settings")
+    return raw
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of a recipe with its ``base`` chain resolved."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"recipe {path} is its own base (through {' -> '.join(p.name for p in _seen)})")
+    raw = _read_recipe_file(path)
+    base = raw.pop("base", None)
+    return _merge(load_recipe(path.parent / base, (*_seen, path)), raw) if base else raw
 
 
 # ---------------------------------------------------------------------- examples
@@ -152,8 +184,8 @@ def qa_example(model: LatentContextModel, record: dict, pool: list[str], distrac
     return Example(passages, model.decoder.qa_user_message(record["question"], len(passages)), record["answers"][0], task="qa")
 
 
-def teacher_forced_batch(model: LatentContextModel, examples: list[Example], latents: list[torch.Tensor]):
-    """Loss (mean over examples of the per-token loss on the target), correct and total tokens."""
+def teacher_forced_batch(model: LatentContextModel, examples: list[Example], latents: list[torch.Tensor], per_token: bool = False):
+    """Loss (mean over examples of the per-token loss on the target), correct and total tokens (see teacher_forced_loss)."""
     decoder = model.decoder
     prompts, targets = [], []
     cursor = 0
@@ -162,13 +194,15 @@ def teacher_forced_batch(model: LatentContextModel, examples: list[Example], lat
         cursor += len(ex.passages)
         prompts.append(decoder.embed(decoder.segments(ex.user_message, slots)))
         targets.append(ex.target)
-    return teacher_forced_loss(decoder, prompts, targets)
+    return teacher_forced_loss(decoder, prompts, targets, per_token=per_token)
 
 
-def teacher_forced_loss(decoder, prompts: list[torch.Tensor], targets: list[str]):
+def teacher_forced_loss(decoder, prompts: list[torch.Tensor], targets: list[str], per_token: bool = False):
     """Teacher forcing of each target text (+ EOS) after its prompt embeddings; loss on the target only.
 
-    Returns the mean over examples of the per-token loss, and correct and total target tokens.
+    Returns the mean over examples of the per-token loss, and correct and total target tokens;
+    with ``per_token``, the correct and total are replaced by one bool tensor per example (is
+    each target token, EOS last, the argmax).
     """
     eos = decoder.tokenizer.eos_token_id
     inputs, labels = [], []
@@ -185,8 +219,10 @@ def teacher_forced_loss(decoder, prompts: list[torch.Tensor], targets: list[str]
     token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none")
     valid = gold != -100
     per_example = (token_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
-    correct = ((logits.argmax(-1) == gold) & valid).sum().item()
-    return per_example.mean(), correct, valid.sum().item()
+    hits = (logits.argmax(-1) == gold) & valid
+    if per_token:
+        return per_example.mean(), [hits[i][valid[i]] for i in range(hits.shape[0])]
+    return per_example.mean(), hits.sum().item(), valid.sum().item()
 
 
 def alignment_targets(model: LatentContextModel, token_ids: list[list[int]], ratio: int | None = None) -> list[torch.Tensor]:
@@ -233,11 +269,15 @@ class TrainingModule(nn.Module):
 
 
 def set_ratio(model: LatentContextModel, ratio: int) -> None:
-    """Compress 1 per ``ratio`` tokens from now on (a ratio curriculum); mean pooling only."""
+    """Compress 1 per ``ratio`` tokens from now on (a ratio curriculum).
+
+    Mean pooling has no ratio-shaped weights; concat pooling pools by mean at any other ratio
+    than its own, so a 1:1 -> 1:2 -> 1:4 curriculum reaches its trained layer at the last step.
+    """
     if ratio == model.config.ratio:
         return
-    if model.config.pooling != "mean":
-        raise ConfigError(f"a stage ratio needs mean pooling: {model.config.pooling} pooling has ratio-sized parameters")
+    if model.config.pooling == "memory":
+        raise ConfigError("a stage ratio needs mean or concat pooling: memory pooling has ratio-sized parameters")
     config = dataclasses.replace(model.config, ratio=ratio)
     model.config = model.compressor.config = model.decoder.config = config
 
@@ -251,6 +291,8 @@ def part_parameters(model: LatentContextModel, part: str) -> list[nn.Parameter]:
         return [dec.boundary] if dec.boundary is not None else []
     if part == "memory":
         return [comp.memory_embeddings] if comp.memory_embeddings is not None else []
+    if part == "pooling":
+        return list(comp.concat_pool.parameters()) if comp.concat_pool is not None else []
     if part == "encoder":
         return list(comp.encoder.parameters())
     if part in ("decoder_lora", "encoder_lora"):

@@ -75,3 +75,66 @@ def test_bad_input_errors(make_compressor):
             LatentConfig(ratio=ratio)
     with pytest.raises(ConfigError, match="encoder_layers"):
         make_compressor(encoder_layers=0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "concat"])
+def test_bidirectional_attention_lets_a_later_token_change_an_earlier_latent(make_compressor, pooling):
+    text = "The tower was finished in 1889 and painted red."
+    other = "The tower was finished in 1889 and painted blue."
+    for attention, changes in (("causal", False), ("bidirectional", True)):
+        comp = make_compressor(ratio=4, pooling=pooling, encoder_attention=attention)
+        a, b = comp.compress([text, other])
+        first_diff = a.shape[0] - 1  # the passages differ only in their last word
+        earlier = (a[: first_diff - 1] - b[: first_diff - 1]).abs().max().item()
+        assert (earlier > 1e-4) is changes, (attention, earlier)
+
+
+@pytest.mark.parametrize("pooling", ["concat", "mean"])
+def test_bidirectional_latents_do_not_depend_on_the_batch(make_compressor, passages, pooling):
+    comp = make_compressor(ratio=4, pooling=pooling, encoder_attention="bidirectional")
+    batched = comp.compress(passages, batch_size=len(passages))
+    for text, lat in zip(passages, batched):
+        assert (comp.compress([text])[0] - lat).abs().max().item() < 1e-4
+
+
+def test_concat_pooling_starts_as_mean_pooling_and_keeps_order_once_trained(make_compressor, passages):
+    mean, concat = make_compressor(ratio=4), make_compressor(ratio=4, pooling="concat")
+    for a, b in zip(mean.compress(passages), concat.compress(passages)):  # incl. each short last group
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    hidden = concat.config.encoder_hidden_size
+    states = torch.randn(4, hidden)
+    with torch.no_grad():
+        concat.concat_pool.proj.weight.normal_(0, 0.02)
+    assert (concat.concat_pool(states) - concat.concat_pool(states.flip(0))).abs().max().item() > 1e-3
+    assert concat.concat_pool(states).shape == (1, hidden) and concat.concat_pool(states[:3]).shape == (1, hidden)
+
+
+def test_encoder_options_are_part_of_the_fingerprint(make_compressor):
+    base = make_compressor(ratio=4)
+    bidirectional = make_compressor(ratio=4, encoder_attention="bidirectional")
+    concat = make_compressor(ratio=4, pooling="concat")
+    assert len({base.fingerprint(), bidirectional.fingerprint(), concat.fingerprint()}) == 3
+    before = concat.fingerprint()
+    with torch.no_grad():
+        concat.concat_pool.proj.weight.add_(0.01)
+    concat.reset_fingerprint()
+    assert concat.fingerprint() != before  # trained pooling weights change the latents
+    with pytest.raises(ConfigError, match="encoder_attention must be one of"):
+        LatentConfig(encoder_attention="sideways")
+
+
+def test_concat_pooling_and_attention_survive_save_and_load(tmp_path, tiny_models):
+    from lclm_rag.model import LatentContextModel
+
+    enc, dec = tiny_models
+    model = LatentContextModel.from_config(LatentConfig(encoder=enc, decoder=dec, encoder_layers=None, pooling="concat",
+                                                        encoder_attention="bidirectional"))
+    with torch.no_grad():
+        model.compressor.concat_pool.proj.weight.normal_(0, 0.05)
+    model.compressor.reset_fingerprint()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LatentContextModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.encoder_attention == "bidirectional" and loaded.config.pooling == "concat"
+    assert loaded.fingerprint() == model.fingerprint()
+    text = ["A short passage about the year 1735 and Gustave Eiffel."]
+    torch.testing.assert_close(loaded.compress(text)[0], model.compress(text)[0])
