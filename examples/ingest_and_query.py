@@ -11,9 +11,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lclm_rag.embedding import Embedder
 from lclm_rag.ingest import Ingestor
 from lclm_rag.integrations.llama_index import LatentQueryEngine, LatentRetriever
+
+from lclm_rag.embedding import Embedder
 from lclm_rag.model import load_model
 from lclm_rag.store import LatentStore
 

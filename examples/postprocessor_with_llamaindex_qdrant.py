@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lclm_rag.ingest import Ingestor
+from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine
 from llama_index.core import Settings, SimpleDirectoryReader, StorageContext, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
@@ -22,8 +24,6 @@ from qdrant_client import QdrantClient
 
 from lclm_rag.embedding import Embedder
 from lclm_rag.hub import DEFAULT_EMBEDDER, resolve_model
-from lclm_rag.ingest import Ingestor
-from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine
 from lclm_rag.model import load_model
 from lclm_rag.store import LatentStore
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lclm_rag.chunking import Chunk, chunk_text
+from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_text
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError, LclmRagError
@@ -103,8 +103,10 @@ def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InputError(f"not UTF-8 text (byte {exc.start})") from exc
-    from llama_index.core import SimpleDirectoryReader
-
+    try:
+        from llama_index.core import SimpleDirectoryReader
+    except ImportError as exc:
+        raise InputError(f"reading {ext or 'these'} files needs LlamaIndex's readers: pip install 'lclm-rag[llama-index]'") from exc
     try:
         docs = SimpleDirectoryReader(input_files=[str(path)], errors="strict", raise_on_error=True).load_data()
     except Exception as exc:  # readers raise anything from ValueError to parser-specific errors
@@ -150,7 +152,7 @@ class Ingestor:
     """Chunks, embeds, compresses and upserts into a LatentStore bound to this compressor."""
 
     def __init__(self, store: LatentStore, compressor: LatentCompressor, embedder: Embedder,
-                 chunk_tokens: int = 128, overlap: int = 16, batch_size: int = 32,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP, batch_size: int = 32,
                  shard_number: int | None = None, replication_factor: int | None = None) -> None:
         self.store, self.compressor, self.embedder = store, compressor, embedder
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
@@ -209,9 +211,13 @@ class Ingestor:
             doc_id = (getattr(node, "ref_doc_id", None) if split else None) or node.id_
             meta = {k: v for k, v in (node.metadata or {}).items() if isinstance(v, (str, int, float, bool))}
             docs.append(SourceDocument(str(doc_id), text, meta.get("file_path", "llama_index"), meta, node_id=None if split else node.id_))
+        return self.ingest_sources(docs, progress=progress)
+
+    def ingest_sources(self, docs: Sequence[SourceDocument], progress: bool = False) -> IngestReport:
+        """Ingest documents already read (no LlamaIndex objects needed)."""
         report = IngestReport()
         start = time.perf_counter()
-        self._ingest(docs, report, progress)
+        self._ingest(list(docs), report, progress)
         report.seconds = time.perf_counter() - start
         return report
 

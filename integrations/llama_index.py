@@ -28,10 +28,11 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from pydantic import Field, PrivateAttr
 
-from lclm_rag import query as q
+from lclm_rag import planning as q
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError, StoreError
 from lclm_rag.model import LatentContextModel, load_model
+from lclm_rag.prompt import latent_positions
 from lclm_rag.store import LatentStore, id_for_node
 
 
@@ -200,7 +201,7 @@ class LatentQueryEngine(BaseQueryEngine):
         metadata = {
             "passages": [
                 {"node_id": p.id, "score": p.score, "mode": "dropped" if i in plan.dropped else "text" if i in plan.expanded else "latent",
-                 "latent_source": p.latent_source, "latent_positions": None if p.latents is None else p.latents.shape[0] + 2}
+                 "latent_source": p.latent_source, "latent_positions": None if p.latents is None else latent_positions(p.latents.shape[0])}
                 for i, p in enumerate(passages)
             ],
             "expanded": [passages[i].id for i in plan.order if i in plan.expanded],

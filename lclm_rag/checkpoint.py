@@ -60,6 +60,28 @@ def save_adapter(peft_model, directory: str | Path) -> None:
     peft_model.save_pretrained(str(directory), save_embedding_layers=any(name in targets for name in EMBEDDING_LAYER_NAMES))
 
 
+def add_lora(model, lora: dict):
+    """``model`` wrapped with a fresh peft LoRA (``LoraConfig(**lora)``).
+
+    peft reads transformers' deprecated ``is_gradient_checkpointing``; its FutureWarning says
+    nothing about this project, so exactly that one is silenced here.
+    """
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(**lora))
+
+
+def load_adapter(peft_model, directory: str | Path, subdir: str) -> None:
+    """Load the peft adapter weights saved under ``directory/subdir`` into ``peft_model``."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, load_safetensors(require_file(directory, f"{subdir}/adapter_model.safetensors")))
+
+
 def packaged_checkpoints() -> dict[str, Path]:
     """Trained compressors shipped with the package, by name (e.g. ``smollm2-135m-r4``)."""
     if not PACKAGED_DIR.is_dir():

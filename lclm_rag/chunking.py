@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from lclm_rag.errors import ConfigError
 
+DEFAULT_CHUNK_TOKENS = 128  # passage length at ingestion (encoder tokens)
+DEFAULT_OVERLAP = 16  # tokens shared by consecutive passages at ingestion
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -16,11 +19,11 @@ class Chunk:
     num_tokens: int
 
 
-def chunk_text(text: str, tokenizer, chunk_tokens: int = 128, overlap: int = 0) -> list[Chunk]:
+def chunk_text(text: str, tokenizer, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP) -> list[Chunk]:
     """Split ``text`` into chunks of at most ``chunk_tokens`` tokens, ``overlap`` tokens shared.
 
-    Cuts fall on token boundaries (via the fast tokenizer's offset mapping), so every chunk
-    is an exact substring of the document and its character span is known.
+    Cuts fall on token boundaries (via the fast tokenizer's offset mapping), and the chunk's
+    text is stripped of surrounding whitespace: ``text[start_char:end_char] == chunk.text``.
     """
     if chunk_tokens <= 0:
         raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -36,8 +39,10 @@ def chunk_text(text: str, tokenizer, chunk_tokens: int = 128, overlap: int = 0) 
         s_char = offsets[start][0]
         e_char = offsets[end][0] if end < len(offsets) else len(text)
         piece = text[s_char:e_char]
-        if piece.strip():
-            chunks.append(Chunk(piece.strip(), len(chunks), s_char, e_char, end - start))
+        stripped = piece.strip()
+        if stripped:
+            lead = len(piece) - len(piece.lstrip())
+            chunks.append(Chunk(stripped, len(chunks), s_char + lead, s_char + lead + len(stripped), end - start))
         if end == len(offsets):
             break
         start += step

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
 from lclm_rag.errors import InputError, LclmRagError
 from lclm_rag.hub import DEFAULT_EMBEDDER
 
@@ -106,13 +107,14 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _rounded_table(rows: list[dict]) -> str:
     """Score rows as a markdown table, floats to 4 decimals."""
-    from lclm_rag.bench import markdown_table
+    from lclm_rag.evaluation.measure import markdown_table
 
     return markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lclm_rag.eval import GOLD_MODES, RAG_MODES, plot_quality_latency, run_gold_eval, run_rag_eval
+    from lclm_rag.evaluation import GOLD_MODES, RAG_MODES, run_gold_eval, run_rag_eval
+    from lclm_rag.evaluation.plots import plot_quality_latency
     from lclm_rag.model import load_model
 
     checkpoints = args.checkpoint or [None]
@@ -141,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lclm_rag.eval import paired_comparison
+    from lclm_rag.evaluation import paired_comparison
 
     results = []
     for path in (args.new, args.old):
@@ -155,7 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lclm_rag.train import TrainConfig, evaluate_heldout, main_from_config
+    from lclm_rag.training import TrainConfig, evaluate_heldout, main_from_config
 
     if not args.evaluate:
         print(main_from_config(args.config, max_steps=args.max_steps))
@@ -171,8 +173,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lclm_rag import bench
+    from lclm_rag.evaluation import bench
 
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.what in ("core", "all"):
         result = bench.run_core_benchmark(args.checkpoint, quick=args.quick, output=f"{args.output_dir}/bench_core.json")
         print(json.dumps(result["summary"], indent=2))
@@ -204,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_args(p)
     p.add_argument("--checkpoint", help="compressor checkpoint (default: the packaged one)")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id or path")
-    p.add_argument("--chunk-tokens", type=int, default=128, help="chunk length in encoder tokens")
-    p.add_argument("--overlap", type=int, default=16, help="tokens shared by consecutive chunks")
+    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="chunk length in encoder tokens")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tokens shared by consecutive chunks")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--text-field", default="text", help="text field of JSON/JSONL records")
     p.add_argument("--prune", action="store_true", help="delete stored documents that are no longer in the input")
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion benchmark")
-    p.add_argument("--output-dir", default="docs", help="where JSON and markdown results go")
+    p.add_argument("--output-dir", default="runs/bench", help="where JSON and markdown results go")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -18,6 +18,7 @@ key, so a passage's latents do not depend on what it is batched with.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -132,7 +133,7 @@ class LatentCompressor(nn.Module):
             raise ConfigError(
                 f"config says encoder_hidden_size={config.encoder_hidden_size} but {config.encoder!r} has {hidden}"
             )
-        config.encoder_hidden_size = hidden
+        self.config = config = dataclasses.replace(config, encoder_hidden_size=hidden)  # the caller's config is left as given
         if config.pooling == "memory":
             embed = self.encoder.get_input_embeddings().weight.detach()
             init = embed.mean(0, keepdim=True) + embed.std() * torch.randn(config.max_memory_tokens, hidden) * 0.1
@@ -141,9 +142,9 @@ class LatentCompressor(nn.Module):
             self.memory_embeddings = None
         self.concat_pool = ConcatPool(hidden, config.ratio) if config.pooling == "concat" else None
         if config.encoder_lora:
-            from peft import LoraConfig, get_peft_model
+            from lclm_rag.checkpoint import add_lora
 
-            self.encoder = get_peft_model(self.encoder, LoraConfig(**config.encoder_lora))
+            self.encoder = add_lora(self.encoder, config.encoder_lora)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoder_calls = 0  # forward passes through the encoder (query paths must leave it at 0)
         self._fingerprint: str | None = None
@@ -303,7 +304,7 @@ class LatentCompressor(nn.Module):
         requested as an ``init_from`` override) keeps its fresh initialisation: a zero-init LoRA
         leaves the checkpoint's latents unchanged until it is trained.
         """
-        from lclm_rag.checkpoint import load_config, load_safetensors, require_file, resolve_checkpoint
+        from lclm_rag.checkpoint import load_adapter, load_config, load_safetensors, require_file, resolve_checkpoint
 
         directory = resolve_checkpoint(directory)  # a packaged checkpoint's name, or a path
         saved = load_config(directory)
@@ -322,11 +323,7 @@ class LatentCompressor(nn.Module):
         if self.config.encoder_lora and not saved.encoder_lora:
             logger.info("%s has no encoder LoRA: a fresh (zero-init) one is added", directory)
         elif self.config.encoder_lora:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            lora_file = require_file(directory, f"{ENCODER_LORA_DIR}/adapter_model.safetensors")
-            set_peft_model_state_dict(self.encoder, load_file(str(lora_file)))
+            load_adapter(self.encoder, directory, ENCODER_LORA_DIR)
         self.reset_fingerprint()
 
     @classmethod

@@ -98,6 +98,9 @@ class LatentConfig:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; this lclm-rag knows {sorted(known)}")
         if d.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise ConfigError(f"config format {d.get('format')!r} is not {FORMAT_NAME!r}")
+        version = d.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(f"config format_version {version!r} is newer than this lclm-rag reads ({FORMAT_VERSION}): upgrade lclm-rag")
         return cls(**d)
 
     def save(self, directory: str | Path) -> Path:

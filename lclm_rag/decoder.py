@@ -9,10 +9,9 @@ prompt goes to ``generate(inputs_embeds=...)``, which uses the KV cache as usual
 from __future__ import annotations
 
 import contextlib
-import re
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,33 +22,18 @@ from lclm_rag.config import LatentConfig
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.hub import keep_reference, resolve_model
 from lclm_rag.projector import Projector
+from lclm_rag.prompt import SENTINEL_RE, Segment, Slot, qa_message
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_LORA_DIR = "decoder_lora"
 
-Slot = torch.Tensor | str  # latents (n, encoder_hidden) or the passage's raw text
-_SENTINEL = "\u2063SLOT{}\u2063"
+def _hidden_size(name_or_path: str) -> int:
+    """Width of a model's hidden states, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
 
-
-def slot_marker(index: int) -> str:
-    """Placeholder for passage ``index`` inside a user message given to ``LatentDecoder.segments``."""
-    return _SENTINEL.format(index)
-
-
-_SENTINEL_RE = re.compile("\u2063SLOT(\\d+)\u2063")
-
-
-@dataclass
-class Segment:
-    """A run of the prompt: token ids, or one passage's latents (encoder side)."""
-
-    token_ids: list[int] | None = None
-    latents: torch.Tensor | None = None
-
-    @property
-    def positions(self) -> int:
-        return len(self.token_ids) if self.token_ids is not None else self.latents.shape[0] + 2
+    config = AutoConfig.from_pretrained(resolve_model(name_or_path))
+    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
 
 
 class LatentDecoder(nn.Module):
@@ -69,9 +53,8 @@ class LatentDecoder(nn.Module):
             raise ConfigError(
                 f"config says decoder_hidden_size={config.decoder_hidden_size} but {config.decoder!r} has {hidden}"
             )
-        config.decoder_hidden_size = hidden
-        if not config.encoder_hidden_size:
-            raise ConfigError("encoder_hidden_size is unknown: build the compressor first (it reads it from the encoder)")
+        encoder_hidden = config.encoder_hidden_size or _hidden_size(config.encoder)
+        self.config = config = dataclasses.replace(config, decoder_hidden_size=hidden, encoder_hidden_size=encoder_hidden)
         self.projector = Projector(config.encoder_hidden_size, hidden, config.projector_hidden_size, config.projector_eps)
         embed = self.model.get_input_embeddings().weight.detach()
         with torch.no_grad():  # start the projector's output at the scale of real token embeddings
@@ -89,9 +72,9 @@ class LatentDecoder(nn.Module):
                 raise ConfigError(f"boundary tokens {missing} are not in the decoder tokenizer of {config.decoder!r}")
             self.boundary_ids = ids
         if config.decoder_lora:
-            from peft import LoraConfig, get_peft_model
+            from lclm_rag.checkpoint import add_lora
 
-            self.model = get_peft_model(self.model, LoraConfig(**config.decoder_lora))
+            self.model = add_lora(self.model, config.decoder_lora)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -109,16 +92,8 @@ class LatentDecoder(nn.Module):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def qa_user_message(self, question: str, num_slots: int) -> str:
-        """The user turn for a question over ``num_slots`` passages (slot sentinels inline)."""
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("the question is empty")
-        parts = [self.config.qa_instruction, ""]
-        if num_slots:
-            parts.append("Context:")
-            parts.extend(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
-            parts.append("")
-        parts.append(f"Question: {question.strip()}")
-        return "\n".join(parts)
+        """The user turn for a question over ``num_slots`` passages, with this model's instruction."""
+        return qa_message(self.config.qa_instruction, question, num_slots)
 
     def segments(self, user_message: str, slots: Sequence[Slot]) -> list[Segment]:
         """Render the chat template (with the generation prompt) and cut it at the slot sentinels."""
@@ -126,7 +101,7 @@ class LatentDecoder(nn.Module):
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         out: list[Segment] = []
         pos = 0
-        for match in _SENTINEL_RE.finditer(text):
+        for match in SENTINEL_RE.finditer(text):
             out.append(Segment(token_ids=self.text_ids(text[pos : match.start()])))
             slot = slots[int(match.group(1))]
             if isinstance(slot, str):
@@ -237,6 +212,34 @@ class LatentDecoder(nn.Module):
         if errors:
             raise errors[0]
 
+    def teacher_forced(self, prompts: Sequence[torch.Tensor], targets: Sequence[str], per_token: bool = False):
+        """Teacher forcing of each target text (+ EOS) after its prompt embeddings; loss on the target only.
+
+        Returns the mean over examples of the per-token loss, and correct and total target tokens;
+        with ``per_token``, one bool tensor per example instead (is each target token, EOS last,
+        the argmax). Training minimises this loss; restoration accuracy reads the tokens.
+        """
+        eos = self.tokenizer.eos_token_id
+        table = self.model.get_input_embeddings()
+        inputs, labels = [], []
+        for prompt, target in zip(prompts, targets, strict=True):
+            tgt = torch.tensor(self.text_ids(target) + [eos], device=prompt.device)
+            inputs.append(torch.cat([prompt, table(tgt).to(prompt.dtype)]))
+            labels.append(torch.cat([torch.full((prompt.shape[0],), -100, device=prompt.device), tgt]))
+        embeds, mask = self.pad_batch(inputs, side="right")
+        label_batch = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+        for i, lab in enumerate(labels):
+            label_batch[i, : lab.shape[0]] = lab
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        gold = label_batch[:, 1:]
+        token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none")
+        valid = gold != -100
+        per_example = (token_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
+        hits = (logits.argmax(-1) == gold) & valid
+        if per_token:
+            return per_example.mean(), [hits[i][valid[i]] for i in range(hits.shape[0])]
+        return per_example.mean(), hits.sum().item(), valid.sum().item()
+
     def forward_logits(self, segments: Sequence[Segment]) -> torch.Tensor:
         """Logits of one prompt (teacher forcing, tests and evaluation)."""
         embeds = self.embed(segments).unsqueeze(0)
@@ -277,7 +280,7 @@ class LatentDecoder(nn.Module):
     def load_trained(self, directory: str | Path, projector_file: str = PROJECTOR_WEIGHTS) -> None:
         """Load the decoder-side parts the checkpoint trained; a decoder LoRA or learned boundary
         this config adds to the checkpoint's own keeps its fresh initialisation."""
-        from lclm_rag.checkpoint import load_config, load_safetensors, require_file, resolve_checkpoint
+        from lclm_rag.checkpoint import load_adapter, load_config, load_safetensors, require_file, resolve_checkpoint
 
         directory = resolve_checkpoint(directory)  # a packaged checkpoint's name, or a path
         saved = load_config(directory)
@@ -296,7 +299,4 @@ class LatentDecoder(nn.Module):
             with torch.no_grad():
                 self.boundary.copy_(load_safetensors(require_file(directory, DECODER_WEIGHTS))["boundary"])
         if self.config.decoder_lora and saved.decoder_lora:
-            from peft import set_peft_model_state_dict
-
-            lora = load_safetensors(require_file(directory, f"{DECODER_LORA_DIR}/adapter_model.safetensors"))
-            set_peft_model_state_dict(self.model, lora)
+            load_adapter(self.model, directory, DECODER_LORA_DIR)

@@ -13,7 +13,9 @@ from torch import nn
 from lclm_rag.checkpoint import DEFAULT_CHECKPOINT, LCLM_ADAPTER, is_lclm_layout, load_config, packaged_checkpoints, resolve_checkpoint
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.config import LatentConfig
-from lclm_rag.decoder import LatentDecoder, Segment, Slot
+from lclm_rag.decoder import LatentDecoder
+from lclm_rag.errors import ConfigError
+from lclm_rag.prompt import Segment, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +25,13 @@ class LatentContextModel(nn.Module):
 
     def __init__(self, config: LatentConfig, compressor: LatentCompressor | None = None, decoder: LatentDecoder | None = None):
         super().__init__()
-        self.config = config
         self.compressor = compressor if compressor is not None else LatentCompressor(config)
-        self.decoder = decoder if decoder is not None else LatentDecoder(config)
+        self.decoder = decoder if decoder is not None else LatentDecoder(self.compressor.config)
+        self.config = self.decoder.config  # both widths filled in; the caller's config is left as given
+        if self.compressor.config.encoder_hidden_size != self.config.encoder_hidden_size:
+            raise ConfigError(f"the compressor's latents are {self.compressor.config.encoder_hidden_size}-d but the "
+                              f"decoder's projector reads {self.config.encoder_hidden_size}-d")
+        self.compressor.config = self.config
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -83,6 +89,11 @@ class LatentContextModel(nn.Module):
 
     def stream(self, question: str, slots: Sequence[Slot] = (), **gen) -> Iterator[str]:
         return self.decoder.stream_from_segments(self.decoder.qa_segments(question, slots), **gen)
+
+    def teacher_forced(self, messages: Sequence[str], slots: Sequence[Sequence[Slot]], targets: Sequence[str], per_token: bool = False):
+        """Teacher forcing of ``targets`` after each user message with its slots (see ``LatentDecoder.teacher_forced``)."""
+        prompts = [self.decoder.embed(self.decoder.segments(m, s)) for m, s in zip(messages, slots, strict=True)]
+        return self.decoder.teacher_forced(prompts, targets, per_token=per_token)
 
     def prompt_positions(self, segments: Sequence[Segment]) -> int:
         return sum(s.positions for s in segments)

@@ -8,7 +8,7 @@ training passages (:meth:`Projector.calibrate`). Hidden states of LLaMA-style LM
 huge, nearly constant channels ("massive activations"); left in, they dominate the RMSNorm and
 every latent looks alike (mean pairwise cosine 0.72 for SmolLM2's 4th layer, 0.00 once
 centred), and the informative channels reach the decoder scaled down. Standardising fixes that
-geometry (its effect on training speed is measured in docs/architecture_search.md). The
+geometry and speeds up learning to read the latents. The
 statistics are buffers that default to the identity, so an adapter trained without them (LCLM's)
 loads and behaves unchanged.
 """

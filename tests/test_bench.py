@@ -1,4 +1,5 @@
-from lclm_rag.bench import PeakRSS, bench_ttft, markdown_table, plot_ttft_vs_k, sample_passages
+from lclm_rag.evaluation.bench import bench_ttft, plot_ttft_vs_k, sample_passages
+from lclm_rag.evaluation.measure import PeakRSS, markdown_table
 
 
 def test_ttft_rows_compare_text_and_latents(model, tmp_path):

@@ -3,7 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_runs_offline():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
@@ -11,11 +14,13 @@ def test_demo_runs_offline():
     assert "latents of width 576" in res.stdout and "answer  from latents" in res.stdout
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "neither a directory nor a packaged checkpoint" in res.stderr
 
 
+@pytest.mark.slow
 def test_eval_rejects_unknown_modes_and_missing_data(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl"), "--modes", "latent,oracle"],
                          capture_output=True, text=True, timeout=600)
@@ -24,6 +29,7 @@ def test_eval_rejects_unknown_modes_and_missing_data(tmp_path):
     assert res.returncode == 2 and "no such file" in res.stderr
 
 
+@pytest.mark.slow
 def test_compare_prints_the_paired_table_of_two_results(tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text('{"context": "c", "question": "q", "answers": ["Paris"]}\n{"context": "d", "question": "r", "answers": ["Paris"]}\n')

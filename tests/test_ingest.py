@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import BACKENDS, open_test_store
-from lclm_rag.errors import InputError
 from lclm_rag.ingest import Ingestor
+
+from lclm_rag.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DOCS = REPO / "examples" / "docs"
@@ -110,7 +110,8 @@ def _cli(*args, **kw):
     return [sys.executable, "-m", "lclm_rag.cli", *args]
 
 
-@pytest.mark.skipif(not SHARED_WIKI.exists(), reason="needs ../shared/data")
+@pytest.mark.slow
+@pytest.mark.usefixtures("shared_data")
 def test_kill_9_then_rerun_stores_every_passage_exactly_once(tmp_path):
     corpus = tmp_path / "wiki.jsonl"
     with SHARED_WIKI.open() as src:
@@ -142,12 +143,13 @@ def test_kill_9_then_rerun_stores_every_passage_exactly_once(tmp_path):
     stored = _stored(store)
     keys = [(p.payload["doc_id"], p.payload["chunk_index"]) for p in stored.values()]
     assert len(keys) == len(set(keys)) == store.count() == written + unchanged
-    assert {d.split("#")[1] for d in store.doc_ids()} == {json.loads(l)["id"] for l in corpus.read_text().splitlines()}
+    assert {d.split("#")[1] for d in store.doc_ids()} == {json.loads(line)["id"] for line in corpus.read_text().splitlines()}
     store.close()
     rerun = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert "written 0," in rerun.stdout
 
 
+@pytest.mark.slow
 def test_cli_exit_codes(tmp_path, docs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     (docs / "bad.txt").write_bytes(b"\x00\x01\x02")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
 from lclm_rag.ingest import Ingestor
 from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine, LatentRetriever
+
+from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
 from lclm_rag.store import LatentStore, id_for_node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +122,7 @@ def test_errors(store, embedder, model, tmp_path):
         LatentQueryEngine.from_args(retriever=LatentRetriever(other, embedder, similarity_top_k=1), model=model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["ingest_and_query.py", "postprocessor_with_llamaindex_qdrant.py"])
 def test_examples_run_offline(script, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -130,6 +131,7 @@ def test_examples_run_offline(script, tmp_path):
     assert ("A:" in res.stdout) and ("compressed" in res.stdout or "written" in res.stdout)
 
 
+@pytest.mark.slow
 def test_cli_query(store, model, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     model.save_pretrained(tmp_path / "checkpoint")  # the compressor the collection was built with

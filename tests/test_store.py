@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import BACKENDS, open_test_store
+
 from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, point_id
 

@@ -1,0 +1,296 @@
+"""End-to-end RAG evaluation: every mode answers the same questions with the same retrieval and budget.
+
+Modes that give the decoder text use the *base* decoder (adapters off): that is what a user
+without lclm-rag runs. Modes that give it latents use the checkpoint's adapted decoder. Answers
+go through the framework-free query path (``lclm_rag.planning``), the one the LlamaIndex
+integration wraps, so the evaluation needs no LlamaIndex.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lclm_rag.data import load_jsonl, sample_records
+from lclm_rag.errors import InputError
+from lclm_rag.evaluation.measure import PeakRSS, machine_info
+from lclm_rag.evaluation.metrics import score_predictions
+from lclm_rag.planning import Passage, build_segments, plan_prompt
+
+logger = logging.getLogger(__name__)
+
+RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "llmlingua", "gold-text", "gold-latent")
+PER_RATIO_MODES = ("latent", "expand", "gold-latent")
+
+
+class FirstTokenTimer:
+    """A ``generate`` streamer that only notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1  # call 1 is the prompt, call 2 the first generated token
+        if self.calls == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+
+def corpus_documents(records: Sequence[dict]):
+    """One document per distinct context; ids are content hashes (stable across runs)."""
+    from lclm_rag.ingest import SourceDocument
+
+    return [SourceDocument(_doc_id(c), c, "eval") for c in sorted({r["context"] for r in records})]
+
+
+def _doc_id(context: str) -> str:
+    return "ctx-" + hashlib.sha1(context.encode()).hexdigest()[:16]
+
+
+def _check_records(records: Sequence[dict], path) -> None:
+    for i, r in enumerate(records):
+        missing = [k for k in ("context", "question", "answers") if k not in r]
+        if missing or not r.get("answers"):
+            raise InputError(f"{path}: record {i} needs context, question and non-empty answers (missing {missing or ['answers']})")
+
+
+class _Setup:
+    """One checkpoint's collection of the corpus and how to ask it."""
+
+    def __init__(self, model, documents, workdir: Path, embed, embedder_name: str, top_k: int, progress: bool) -> None:
+        from lclm_rag.ingest import Ingestor
+        from lclm_rag.store import LatentStore
+
+        self.model, self.embed, self.top_k = model, embed, top_k
+        c = model.config
+        self.label = f"1:{c.ratio}"
+        name = f"eval-{model.fingerprint()[:12]}-r{c.ratio}"
+        self.store = LatentStore.open(name, path=workdir / name)  # the embedded engine locks its directory
+        ingestor = Ingestor(self.store, model.compressor, embed)
+        self.ingested = ingestor.ingest_sources(documents, progress=progress).summary()
+        if top_k > self.store.count():
+            raise InputError(f"top_k={top_k} but the corpus holds only {self.store.count()} passages")
+        self.retrieval = {"embedder": embedder_name, "tokenizer": c.encoder, "chunk_tokens": ingestor.chunk_tokens,
+                          "overlap": ingestor.overlap}
+        self.reads = {"compressor": model.fingerprint(), "reader": model.decoder.fingerprint()}
+        self.budget = {"pooling": c.pooling, "ratio": c.ratio, "encoder_window": c.encoder_window}
+
+    def retrieve(self, question: str) -> list[Passage]:
+        hits = self.store.search(self.embed.embed([question])[0], self.top_k, with_latents=True)
+        return [Passage(h.id, h.text, h.score, h.latents, "stored", doc_id=h.payload.get("doc_id")) for h in hits]
+
+    def ask(self, question: str, expand: int, policy: str, max_new_tokens: int):
+        """Retrieve, plan (``expand`` passages as text), generate; timing the first new token."""
+        start = time.perf_counter()
+        passages = self.retrieve(question)
+        plan = plan_prompt(self.model, question, passages, expand, policy)
+        segments = build_segments(self.model, question, passages, plan)
+        text, first = _generate(self.model, segments, max_new_tokens)
+        return text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages]
+
+    def gold_latents(self, record: dict) -> list:
+        ids = self.store.ids_of_doc(_doc_id(record["context"]))
+        return [p.latents for p in sorted(self.store.retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])]
+
+
+def _generate(model, segments, max_new_tokens: int) -> tuple[str, float]:
+    timer = FirstTokenTimer()
+    text = model.decoder.generate_from_segments([segments], max_new_tokens=max_new_tokens, streamer=timer)[0]
+    return text, timer.first
+
+
+def _direct(model, question: str, slots, max_new_tokens: int, start: float | None = None):
+    start = start or time.perf_counter()
+    segments = model.decoder.qa_segments(question, slots)
+    text, first = _generate(model, segments, max_new_tokens)
+    return text, start, first, time.perf_counter(), model.prompt_positions(segments), None
+
+
+Job = tuple[str, Callable[[dict], tuple], Callable, dict]  # label, ask(record), context, what the answers depend on
+
+
+def _jobs(modes: Sequence[str], setups: list[_Setup], top_k: int, expand: int, policy: str, max_new_tokens: int) -> list[Job]:
+    """The (label, ask, context, inputs) of every mode, per ratio where the mode reads latents."""
+    main = setups[0]
+    base_model = main.model  # its decoder with adapters disabled is "the base decoder"
+    base = {"decoder": base_model.config.decoder}
+    off = base_model.decoder.base
+    lingua: list = []
+
+    def llmlingua(r: dict):
+        """Same retrieval; the texts pruned to as many decoder tokens as the latents take."""
+        from lclm_rag.evaluation.llmlingua import LongLLMLingua
+
+        if not lingua:
+            lingua.append(LongLLMLingua(base_model.config.decoder, base_model.decoder.tokenizer))
+        start = time.perf_counter()
+        passages = main.retrieve(r["question"])
+        budget = sum(p.latents.shape[0] for p in passages)
+        compressed = lingua[0].compress(r["question"], [p.text for p in passages], budget)
+        out = _direct(base_model, r["question"], [compressed], max_new_tokens, start)
+        return (*out[:5], [p.doc_id for p in passages])
+
+    builders = {
+        "none": lambda s: ("none", lambda r: _direct(base_model, r["question"], [], max_new_tokens), off, base),
+        "text": lambda s: (f"text top-{top_k}", lambda r: main.ask(r["question"], top_k, policy, max_new_tokens), off,
+                           {**base, **main.retrieval}),
+        "text-adapted": lambda s: (f"text top-{top_k} (adapted decoder)", lambda r: main.ask(r["question"], top_k, policy, max_new_tokens),
+                                   contextlib.nullcontext, {**base, **main.retrieval, "reader": main.reads["reader"]}),
+        "latent": lambda s: (f"latent {s.label} top-{top_k}", lambda r: s.ask(r["question"], 0, policy, max_new_tokens),
+                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}),
+        "expand": lambda s: (f"expand {expand} of {top_k} @{s.label}", lambda r: s.ask(r["question"], expand, policy, max_new_tokens),
+                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}),
+        "gold-latent": lambda s: (f"gold latent {s.label}", lambda r: _direct(s.model, r["question"], s.gold_latents(r), max_new_tokens),
+                                  contextlib.nullcontext, {**base, **s.reads}),
+        "gold-text": lambda s: ("gold text", lambda r: _direct(base_model, r["question"], [r["context"]], max_new_tokens), off, base),
+        "llmlingua": lambda s: (f"LongLLMLingua top-{top_k} @{main.label} budget", llmlingua, off,
+                                {**base, **main.retrieval, "budget": main.budget}),
+    }
+    return [builders[mode](s) for mode in modes for s in (setups if mode in PER_RATIO_MODES else [main])]
+
+
+def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], None], save_every: int, progress: bool) -> None:
+    """Answer every question of one mode (continuing a half-done one) and record its scores."""
+    from tqdm import tqdm
+
+    label, ask, context, _ = job
+    done = result["partial"].setdefault(label, {"preds": [], "ttft": [], "total": [], "positions": [], "hits": [], "peak_rss_mb": 0.0})
+    with PeakRSS() as rss, context():
+        ask(records[0])  # warm-up, not scored: one-time allocations and lazy initialisation
+        todo = records[len(done["preds"]):]
+        for r in tqdm(todo, desc=label, disable=not progress, initial=len(done["preds"]), total=len(records)):
+            text, start, first, end, n_positions, docs = ask(r)
+            done["preds"].append(text)
+            done["ttft"].append(first - start)
+            done["total"].append(end - start)
+            done["positions"].append(n_positions)
+            if docs is not None:
+                done["hits"].append(float(_doc_id(r["context"]) in docs))
+            if len(done["preds"]) % save_every == 0:
+                done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
+                save()
+    done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
+    ttft, total, positions, hits = done["ttft"], done["total"], done["positions"], done["hits"]
+    scores = score_predictions(label, done["preds"], records, sum(total)).as_dict()
+    scores.update(recall_at_k=sum(hits) / len(hits) if hits else None, prompt_positions=sum(positions) / len(positions),
+                  ttft_s=sum(ttft) / len(ttft), total_s=sum(total) / len(total), peak_rss_mb=done["peak_rss_mb"])
+    del scores["seconds_per_question"]
+    result["scores"].append(scores)
+    result["predictions"][label] = done["preds"]
+    del result["partial"][label]
+
+
+def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
+                 seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str = "lexical", max_new_tokens: int = 32,
+                 workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
+                 resume: bool = False, save_every: int = 20, progress: bool = True) -> dict:
+    """Ingest the distinct contexts of ``data`` into a fresh collection per checkpoint, then answer a
+    fixed sample of its questions in every mode through the query path.
+
+    ``checkpoints``: one per ratio (e.g. the 1:4 and 1:8 defaults), each a checkpoint name or
+    path, ``None`` (the packaged default) or a loaded ``LatentContextModel``; the first also sets
+    the LongLLMLingua budget (its latent positions for the same retrieved passages) and provides
+    the base decoder. Returns (and writes to ``output``) scores, predictions and the machine.
+
+    ``output`` is rewritten after every mode and every ``save_every`` questions; with ``resume`` a
+    run that stopped (a 500-question run takes hours on a CPU) continues from it: finished modes
+    are kept, a half-done mode goes on from its next question. Resuming needs the same data, sample
+    and settings, otherwise nothing is overwritten and an error says what differs. Each mode records
+    what its answers depend on (``mode_inputs``: base decoder, retrieval, compressor and reader
+    fingerprints), so resuming with a retrained checkpoint recomputes only the modes that read it;
+    the replaced results are kept in ``<output>.previous.json``.
+    """
+    import tempfile
+
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.hub import DEFAULT_EMBEDDER
+    from lclm_rag.model import LatentContextModel, load_model
+
+    unknown = set(modes) - set(RAG_MODES)
+    if unknown:
+        raise InputError(f"unknown modes {sorted(unknown)}; choose from {RAG_MODES}")
+    if not checkpoints:
+        raise InputError("at least one checkpoint is needed")
+    if resume and not output:
+        raise InputError("resume continues the run saved in output: give the output path")
+    all_records = load_jsonl(data)
+    _check_records(all_records, data)
+    records = sample_records(data, limit, seed=seed)  # the sample paired_comparison draws again
+    temp = None if workdir else tempfile.TemporaryDirectory(prefix="lclm-rag-eval-")
+    workdir = Path(workdir or temp.name)
+    embed = Embedder(embedder or DEFAULT_EMBEDDER)
+    documents = corpus_documents(all_records)
+    setups = [_Setup(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
+                     embedder or DEFAULT_EMBEDDER, top_k, progress) for c in checkpoints]
+    jobs = _jobs(modes, setups, top_k, expand, expand_policy, max_new_tokens)
+    result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},
+              "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy, "max_new_tokens": max_new_tokens,
+              "checkpoints": {s.label: s.model.fingerprint() for s in setups},
+              "readers": {s.label: s.reads["reader"] for s in setups},
+              "ingested": {s.label: s.ingested for s in setups}, "machine": machine_info(), "scores": [], "predictions": {},
+              "partial": {}, "mode_inputs": {label: inputs for label, _, _, inputs in jobs}}
+    if resume and output and Path(output).exists():
+        result = _resumable(json.loads(Path(output).read_text()), result, output)
+
+    def save() -> None:
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(result, indent=2))
+
+    order = [job[0] for job in jobs]
+    for job in jobs:
+        if job[0] in result["predictions"]:
+            continue  # finished in an earlier run
+        _run_job(job, records, result, save, save_every, progress)
+        result["scores"].sort(key=lambda row: order.index(row["mode"]) if row["mode"] in order else len(order))
+        save()
+    for s in setups:
+        s.store.close()
+    if temp is not None:
+        temp.cleanup()
+    return result
+
+
+_RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "expand_policy", "max_new_tokens")
+
+
+def _resumable(previous: dict, fresh: dict, output) -> dict:
+    """The earlier run's results whose inputs are unchanged; modes that read a changed model are redone.
+
+    Files written before ``mode_inputs`` existed are kept whole when the checkpoints match.
+    """
+    differs = [k for k in _RUN_SETTINGS if previous.get(k) != fresh[k]]
+    if differs:
+        detail = ", ".join(f"{k}: {previous.get(k)!r} there, {fresh[k]!r} now" for k in differs)
+        raise InputError(f"cannot resume {output}: it is a different evaluation ({detail}); "
+                         "use another --output or drop --resume to start over")
+    if "mode_inputs" in previous:
+        old_inputs = previous["mode_inputs"]
+    elif previous.get("checkpoints") == fresh["checkpoints"]:
+        old_inputs = fresh["mode_inputs"]
+    else:
+        old_inputs = {}
+    keep = {label for label, inputs in fresh["mode_inputs"].items() if old_inputs.get(label) == inputs}
+    stale = (set(previous["predictions"]) | set(previous.get("partial", {}))) - keep
+    if stale:
+        backup = Path(f"{output}.previous.json")
+        backup.write_text(json.dumps(previous, indent=2))
+        logger.warning("resuming %s: %s read a changed model or retrieval and are redone (old results in %s)",
+                       output, sorted(stale), backup)
+    fresh.update(scores=[row for row in previous["scores"] if row["mode"] in keep],
+                 predictions={k: v for k, v in previous["predictions"].items() if k in keep},
+                 partial={k: v for k, v in previous.get("partial", {}).items() if k in keep})
+    same = [label for label in fresh["checkpoints"] if previous.get("checkpoints", {}).get(label) == fresh["checkpoints"][label]]
+    fresh["ingested"].update({label: previous["ingested"][label] for label in same if label in previous.get("ingested", {})})
+    fresh["resumed_from"] = previous.get("machine", {}).get("date")
+    if stale:
+        fresh["redone"] = sorted(stale)
+    return fresh

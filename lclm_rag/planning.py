@@ -1,0 +1,127 @@
+"""Query-time logic, framework-free: skim every passage as latents, expand the best to raw text.
+
+Nothing here runs the encoder: passages arrive with their stored latents.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lclm_rag.errors import InputError
+from lclm_rag.model import LatentContextModel
+from lclm_rag.prompt import latent_positions
+
+POLICIES = ("score", "lexical")
+
+
+@dataclass
+class Passage:
+    """A retrieved passage as the decoder sees it."""
+
+    id: str
+    text: str
+    score: float | None
+    latents: torch.Tensor | None  # encoder-side latents (None: only usable expanded)
+    latent_source: str = "stored"  # "stored" (from the collection) or "computed" (compressed on the fly)
+    doc_id: str | None = None  # the document the passage was cut from, where known
+
+
+@dataclass
+class Plan:
+    """Which passages go in as latents, which expanded, which dropped to meet a budget."""
+
+    order: list[int]  # passage indices in prompt order (retrieval order)
+    expanded: set[int] = field(default_factory=set)
+    dropped: set[int] = field(default_factory=set)
+    prompt_positions: int = 0
+
+
+_WORD = re.compile(r"\w+")
+
+
+def lexical_relevance(question: str, texts: Sequence[str]) -> list[float]:
+    """BM25 of the question against the retrieved set: a query-aware signal that catches exact
+    names and numbers a dense embedding blurs, computed on text already in hand (no model call)."""
+    docs = [[w.lower() for w in _WORD.findall(t)] for t in texts]
+    query = {w.lower() for w in _WORD.findall(question)}
+    n = len(docs)
+    avg = sum(len(d) for d in docs) / max(n, 1)
+    df = Counter(w for d in docs for w in set(d))
+    scores = []
+    for d in docs:
+        tf = Counter(d)
+        s = 0.0
+        for w in query:
+            if tf[w]:
+                idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
+                s += idf * tf[w] * 2.2 / (tf[w] + 1.2 * (0.25 + 0.75 * len(d) / max(avg, 1)))
+        scores.append(s)
+    return scores
+
+
+def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str) -> list[int]:
+    """Passage indices, most worth expanding first."""
+    if policy not in POLICIES:
+        raise InputError(f"expand policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "score":
+        keys = [p.score if p.score is not None else -math.inf for p in passages]
+    else:
+        keys = lexical_relevance(question, [p.text for p in passages])
+    return sorted(range(len(passages)), key=lambda i: (-keys[i], i))
+
+
+def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Passage], expand: int = 0,
+                policy: str = "score", token_budget: int | None = None) -> Plan:
+    """Choose the expanded passages; with ``token_budget`` fit the prompt into that many positions,
+    expanding the best passages first and dropping the lowest-ranked if even latents do not fit."""
+    if not passages:
+        raise InputError("no passages to answer from: the engine never answers without context")
+    if expand < 0:
+        raise InputError(f"expand must be >= 0, got {expand}")
+    ranking = rank_for_expansion(question, passages, policy)
+    text_cost = [len(model.decoder.text_ids(p.text)) for p in passages]
+    latent_cost = [latent_positions(p.latents.shape[0]) if p.latents is not None else math.inf for p in passages]
+    overhead = sum(s.positions for s in model.decoder.qa_segments(question, []))
+    per_slot = 8  # "[i] " and separators around each passage, upper bound
+    plan = Plan(order=list(range(len(passages))))
+    must_expand = {i for i, p in enumerate(passages) if p.latents is None}
+    if token_budget is None:
+        plan.expanded = set(ranking[:expand]) | must_expand
+    else:
+        cost = lambda i: (text_cost[i] if i in plan.expanded else latent_cost[i]) + per_slot
+        plan.expanded = set(must_expand)
+        for worst in reversed(ranking):  # drop from the bottom until everything fits as latents
+            if overhead + sum(cost(i) for i in plan.order if i not in plan.dropped) <= token_budget:
+                break
+            plan.dropped.add(worst)
+        if len(plan.dropped) == len(passages):
+            raise InputError(f"token_budget={token_budget} cannot hold even one passage as latents")
+        for i in ranking:  # then expand the best while the budget allows
+            if i in plan.dropped or i in plan.expanded or len(plan.expanded - must_expand) >= (expand or len(passages)):
+                continue
+            extra = text_cost[i] - latent_cost[i]
+            if overhead + sum(cost(j) for j in plan.order if j not in plan.dropped) + extra <= token_budget:
+                plan.expanded.add(i)
+    plan.order = [i for i in plan.order if i not in plan.dropped]
+    return plan
+
+
+def build_segments(model: LatentContextModel, question: str, passages: Sequence[Passage], plan: Plan):
+    slots = [passages[i].text if i in plan.expanded else passages[i].latents for i in plan.order]
+    segments = model.decoder.qa_segments(question, slots)
+    plan.prompt_positions = model.prompt_positions(segments)
+    return segments
+
+
+def generate(model: LatentContextModel, segments, max_new_tokens: int = 64, **gen) -> str:
+    return model.decoder.generate_from_segments([segments], max_new_tokens=max_new_tokens, **gen)[0]
+
+
+def stream(model: LatentContextModel, segments, max_new_tokens: int = 64, **gen) -> Iterator[str]:
+    return model.decoder.stream_from_segments(segments, max_new_tokens=max_new_tokens, **gen)

@@ -1,0 +1,69 @@
+"""What the decoder is asked: the user turns of every task, with one slot per passage.
+
+A slot is a placeholder (``slot_marker``) inside a user message; the decoder renders its chat
+template around the message and puts each passage's latents (between two boundary embeddings)
+or raw text where its marker is. Training, evaluation and serving all build prompts here, so a
+model is always asked the way it was trained.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lclm_rag.errors import InputError
+
+BOUNDARY_POSITIONS = 2  # one boundary embedding before and one after each passage's latents
+RESTORE_PROMPT = "Repeat the text above word for word."
+CONTINUE_PROMPT = "Continue the text above."
+
+Slot = torch.Tensor | str  # latents (n, encoder_hidden) or the passage's raw text
+_SENTINEL = "\u2063SLOT{}\u2063"
+SENTINEL_RE = re.compile("\u2063SLOT(\\d+)\u2063")
+
+
+def slot_marker(index: int) -> str:
+    """Placeholder for passage ``index`` inside a user message given to ``LatentDecoder.segments``."""
+    return _SENTINEL.format(index)
+
+
+def latent_positions(num_latents: int) -> int:
+    """Prompt positions a passage of ``num_latents`` latents takes (latents and their boundaries)."""
+    return num_latents + BOUNDARY_POSITIONS
+
+
+@dataclass
+class Segment:
+    """A run of the prompt: token ids, or one passage's latents (encoder side)."""
+
+    token_ids: list[int] | None = None
+    latents: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else latent_positions(self.latents.shape[0])
+
+
+def qa_message(instruction: str, question: str, num_slots: int) -> str:
+    """The user turn for a question over ``num_slots`` passages (slot markers inline)."""
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty")
+    parts = [instruction, ""]
+    if num_slots:
+        parts.append("Context:")
+        parts.extend(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
+        parts.append("")
+    parts.append(f"Question: {question.strip()}")
+    return "\n".join(parts)
+
+
+def restoration_message() -> str:
+    """Rebuild the passage in slot 0 word for word (restoration training and its evaluation)."""
+    return f"{slot_marker(0)}\n\n{RESTORE_PROMPT}"
+
+
+def continuation_message() -> str:
+    """Continue the passage in slot 0 (continuation training)."""
+    return f"{slot_marker(0)}\n\n{CONTINUE_PROMPT}"

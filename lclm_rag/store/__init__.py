@@ -1,0 +1,125 @@
+"""The latent store: one Qdrant point per passage, dense vector + latents on the same point.
+
+Point schema
+    vector ``dense``   sentence-transformers embedding, cosine, HNSW-indexed (search)
+    vector ``latent``  the passage's latents, a multivector: float16, MAX_SIM, HNSW off (m=0):
+                       stored, never indexed; read back with the search hits (one round trip)
+    payload            text, doc_id, source, chunk_index, start_char, end_char, num_tokens,
+                       content_hash, fingerprint, ratio (+ the document's own metadata)
+
+A collection records its compressor (fingerprint, ratio, latent width) and embedding model;
+opening it with another compressor fails with a message naming both.
+
+Backends behind one small facade (``LatentStore``), as qdrant-client does for its own:
+    ``edge``          the Qdrant engine in-process (qdrant-edge-py): the embedded default
+    ``qdrant``        qdrant-client: a server/cluster URL, ``:memory:`` or a local path
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
+from lclm_rag.hub import lclm_home
+from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, directory_bytes, id_for_node, point_id
+from lclm_rag.store.edge import EdgeBackend
+from lclm_rag.store.qdrant import QdrantClientBackend
+
+__all__ = ["Backend", "CollectionSpec", "EdgeBackend", "LatentStore", "QdrantClientBackend", "StoredPassage",
+           "directory_bytes", "id_for_node", "point_id"]
+
+
+class LatentStore:
+    """One collection of passages with latents, on any backend.
+
+    ``LatentStore.open(name)``: the embedded default under ``$LCLM_RAG_HOME/collections``;
+    ``path=``: an embedded collection in that directory; ``url=``: a Qdrant server/cluster;
+    ``location=":memory:"``: qdrant-client in memory (tests); ``backend="qdrant", path=``: qdrant-client local mode.
+    """
+
+    def __init__(self, name: str, backend: Backend) -> None:
+        self.name = name
+        self.backend = backend
+        self.spec: CollectionSpec | None = backend.read_spec() if backend.exists() else None
+
+    @classmethod
+    def open(cls, name: str, *, path: str | Path | None = None, url: str | None = None, api_key: str | None = None,
+             location: str | None = None, backend: str = "auto", **client_kwargs) -> "LatentStore":
+        if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip() in (".", ".."):
+            raise InputError(f"collection name must be a non-empty string without '/' or '\\', and not '.' or '..', got {name!r}")
+        if backend not in ("auto", "edge", "qdrant"):
+            raise InputError(f"backend must be 'auto', 'edge' or 'qdrant', got {backend!r}")
+        if url or location == ":memory:" or backend == "qdrant":
+            return cls(name, QdrantClientBackend(name, url=url, path=str(path) if path else location, api_key=api_key, **client_kwargs))
+        directory = Path(path) if path else lclm_home() / "collections" / name
+        return cls(name, EdgeBackend(directory))
+
+    # -- compressor binding
+    def bind(self, spec: CollectionSpec, shard_number: int | None = None, replication_factor: int | None = None) -> None:
+        """Create the collection for ``spec`` or check that it already holds the same compressor's latents."""
+        stored = self.backend.read_spec() if self.backend.exists() else None
+        if stored is not None:
+            spec.check(stored, self.name)
+        else:
+            self.backend.create(spec, shard_number, replication_factor)
+        self.spec = spec
+
+    def require(self, fingerprint: str | None = None) -> CollectionSpec:
+        """The collection's spec; raises if it does not exist or belongs to another compressor."""
+        if self.spec is None:
+            raise StoreError(f"collection {self.name!r} does not exist (ingest into it first: lclm-rag ingest PATH --collection {self.name})")
+        if fingerprint is not None and fingerprint != self.spec.fingerprint:
+            raise CompressorMismatchError(
+                f"collection {self.name!r} holds latents of compressor {self.spec.fingerprint}, but the model's compressor is "
+                f"{fingerprint}: load the checkpoint the collection was built with, or re-ingest."
+            )
+        return self.spec
+
+    # -- data
+    def upsert(self, passages: Sequence[StoredPassage]) -> None:
+        spec = self.require()
+        for p in passages:
+            if p.latents is None or p.latents.ndim != 2 or p.latents.shape[1] != spec.latent_dim:
+                raise InputError(f"passage {p.id}: latents must be (n, {spec.latent_dim})")
+            p.payload.setdefault("fingerprint", spec.fingerprint)
+            p.payload.setdefault("ratio", spec.ratio)
+            p.payload["text"] = p.text
+        if passages:
+            self.backend.upsert(passages)
+
+    def search(self, vector: np.ndarray, top_k: int, with_latents: bool = True) -> list[StoredPassage]:
+        self.require()
+        if top_k <= 0:
+            raise InputError(f"top_k must be positive, got {top_k}")
+        return self.backend.search(vector, top_k, with_latents)
+
+    def retrieve(self, ids: Sequence[str], with_latents: bool = True) -> list[StoredPassage]:
+        self.require()
+        return self.backend.retrieve(ids, with_latents) if ids else []
+
+    def ids_of_doc(self, doc_id: str) -> set[str]:
+        return self.backend.ids_of_doc(doc_id) if self.spec else set()
+
+    def doc_ids(self) -> set[str]:
+        return self.backend.doc_ids() if self.spec else set()
+
+    def delete(self, ids: Iterable[str]) -> None:
+        self.backend.delete(list(ids))
+
+    def count(self) -> int:
+        return self.backend.count() if self.spec else 0
+
+    def disk_bytes(self) -> int | None:
+        return self.backend.disk_bytes()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "LatentStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,197 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lclm_rag.data import sample_records
+from lclm_rag.errors import InputError
+from lclm_rag.evaluation import (
+    RAG_MODES,
+    answer_contained,
+    evaluate_gold_passage,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    paired_comparison,
+    restoration_accuracy,
+    restoration_breakdown,
+    run_rag_eval,
+    score_predictions,
+)
+from lclm_rag.evaluation.plots import plot_quality_latency
+from lclm_rag.evaluation.restoration import token_classes
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+RECORDS = [
+    {"context": "The Eiffel Tower is named after the engineer Gustave Eiffel.", "question": "Who is the Eiffel Tower named after?", "answers": ["Gustave Eiffel"]},
+    {"context": "Paris is the capital of France.", "question": "What is the capital of France?", "answers": ["Paris"]},
+]
+
+
+def test_squad_metrics():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert exact_match("the Gustave Eiffel.", ["Gustave Eiffel"]) == 1.0
+    assert exact_match("Eiffel", ["Gustave Eiffel"]) == 0.0
+    assert f1_score("Gustave", ["Gustave Eiffel"]) == pytest.approx(2 / 3)
+    assert f1_score("nothing", ["Gustave Eiffel", "Eiffel"]) == 0.0
+    assert answer_contained("It is named after Gustave Eiffel, an engineer", ["Gustave Eiffel"]) == 1.0
+    assert answer_contained("an engineer", ["Gustave Eiffel"]) == 0.0
+
+
+def test_gold_passage_modes_and_restoration_control(model):
+    text, _ = evaluate_gold_passage(model, RECORDS, "text", max_new_tokens=16)
+    none, _ = evaluate_gold_passage(model, RECORDS, "none", max_new_tokens=16)
+    assert text.n == 2 and text.answer_contained >= none.answer_contained
+    assert text.mean_answer_words > 0 and text.seconds_per_question > 0
+    latent, preds = evaluate_gold_passage(model, RECORDS, "latent-control", max_new_tokens=4)
+    assert len(preds) == 2
+    with pytest.raises(ValueError, match="unknown mode"):
+        evaluate_gold_passage(model, RECORDS, "oracle")
+    contexts = [r["context"] for r in RECORDS]
+    breakdown = restoration_breakdown(model, contexts)
+    assert breakdown["all"]["total"] == sum(len(model.decoder.text_ids(c)) + 1 for c in contexts)  # every token and EOS
+    assert restoration_accuracy(model, contexts) == breakdown["all"]["accuracy"]
+    assert breakdown["digit"]["total"] == 0 and breakdown["capitalised"]["total"] >= 7  # The Eiffel Tower Gustave Eiffel Paris France
+    control = restoration_breakdown(model, contexts, control=True)
+    assert control["all"]["total"] == breakdown["all"]["total"]  # same targets, other latents
+
+
+def test_token_classes_mark_digits_and_capitalised_words(model):
+    text = "Built in 1889 by Gustave Eiffel, it stands."
+    classes = token_classes(model.decoder.tokenizer, text)
+    pieces = [model.decoder.tokenizer.decode([i]) for i in model.decoder.text_ids(text)]
+    assert len(classes) == len(pieces) + 1 and classes[-1] == {"all"}  # EOS last
+    digits = "".join(p for p, c in zip(pieces, classes) if "digit" in c).replace(" ", "")
+    capitalised = "".join(p for p, c in zip(pieces, classes) if "capitalised" in c).replace(" ", "")
+    assert digits == "1889" and capitalised == "BuiltGustaveEiffel,"
+
+
+def test_answer_diagnostics():
+    records = [{"context": "It opened in 1889 in Paris.", "question": "When?", "answers": ["1889"]},
+               {"context": "It opened in 1889 in Paris.", "question": "Where?", "answers": ["Paris"]},
+               {"context": "It opened in 1889 in Paris.", "question": "What?", "answers": ["a tower"]}]
+    scores = score_predictions("latent", ["1898", "Paris", "tower"], records, 1.0)
+    assert scores.not_in_passage == pytest.approx(2 / 3)  # "1898" and "tower" occur nowhere in the passage
+    assert (scores.numeric_n, scores.numeric_em) == (1, 0.0)
+    assert (scores.capitalised_n, scores.capitalised_em) == (1, 1.0)
+
+
+@pytest.fixture(scope="session")
+def model_r8(make_compressor, decoder_parts):
+    from lclm_rag.decoder import LatentDecoder
+    from lclm_rag.model import LatentContextModel
+
+    compressor = make_compressor(ratio=8)
+    decoder = LatentDecoder(compressor.config, model=decoder_parts[0], tokenizer=decoder_parts[1])
+    return LatentContextModel(compressor.config, compressor=compressor, decoder=decoder).eval()
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_rag_eval_runs_every_mode_on_the_same_questions_and_retrieval(tmp_path, model, model_r8):
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:200:25]]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "eval.json"
+    result = run_rag_eval(data, [model, model_r8], RAG_MODES, limit=3, seed=1, top_k=2, max_new_tokens=3,
+                          workdir=tmp_path / "work", output=out, progress=False)
+    rows = {r["mode"]: r for r in result["scores"]}
+    assert list(rows) == ["none", "text top-2", "text top-2 (adapted decoder)", "latent 1:4 top-2", "latent 1:8 top-2",
+                          "expand 1 of 2 @1:4", "expand 1 of 2 @1:8", "LongLLMLingua top-2 @1:4 budget", "gold text",
+                          "gold latent 1:4", "gold latent 1:8"]
+    assert all(r["n"] == 3 and 0 < r["ttft_s"] <= r["total_s"] and r["peak_rss_mb"] > 100 for r in rows.values())
+    assert all(len(p) == 3 for p in result["predictions"].values())
+    recalls = {r["recall_at_k"] for m, r in rows.items() if m not in ("none", "gold text") and not m.startswith("gold latent")}
+    assert len(recalls) == 1 and 0.0 <= recalls.pop() <= 1.0  # one retrieval for every retrieval mode
+    text, r4, r8 = rows["text top-2"]["prompt_positions"], rows["latent 1:4 top-2"]["prompt_positions"], rows["latent 1:8 top-2"]["prompt_positions"]
+    assert rows["none"]["prompt_positions"] < r8 < r4 < rows["expand 1 of 2 @1:4"]["prompt_positions"] < text
+    assert rows["LongLLMLingua top-2 @1:4 budget"]["prompt_positions"] < text
+    assert rows["gold latent 1:4"]["prompt_positions"] < rows["gold text"]["prompt_positions"]
+    assert json.loads(out.read_text())["scores"] == result["scores"]
+    assert result["corpus_passages"]["1:4"] == result["corpus_passages"]["1:8"] >= len({r["context"] for r in records})
+    plot_quality_latency(result, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    # a re-run reuses the collections in workdir: nothing is ingested again
+    again = run_rag_eval(data, [model], ["latent"], limit=3, seed=1, top_k=2, max_new_tokens=3, workdir=tmp_path / "work", progress=False)
+    assert "written 0" in again["ingested"]["1:4"]
+    assert again["predictions"]["latent 1:4 top-2"] == result["predictions"]["latent 1:4 top-2"]
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_rag_eval_resumes_an_interrupted_run(tmp_path, model):
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:120:30]]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "eval.json"
+    kwargs = dict(limit=3, seed=2, top_k=2, max_new_tokens=3, workdir=tmp_path / "work", output=out, progress=False)
+    full = run_rag_eval(data, [model], ["none", "latent"], save_every=1, **kwargs)
+    # the file as a run stopped after the first question of its second mode leaves it
+    stopped = json.loads(out.read_text())
+    label = "latent 1:4 top-2"
+    preds = stopped["predictions"].pop(label)
+    row = next(r for r in stopped["scores"] if r["mode"] == label)
+    stopped["scores"].remove(row)
+    stopped["partial"] = {label: {"preds": preds[:1], "ttft": [0.5], "total": [1.0], "positions": [row["prompt_positions"]],
+                                  "hits": [1.0], "peak_rss_mb": 1.0}}
+    out.write_text(json.dumps(stopped))
+    resumed = run_rag_eval(data, [model], ["none", "latent"], resume=True, **kwargs)
+    assert resumed["predictions"] == full["predictions"]  # greedy: the same answers, none asked twice
+    assert resumed["scores"][0] == full["scores"][0]  # the finished mode is kept as it was
+    assert resumed["scores"][1]["mode"] == label and resumed["scores"][1]["n"] == 3 and resumed["partial"] == {}
+    assert json.loads(out.read_text())["scores"] == resumed["scores"]
+    # another evaluation in the same file is refused and the file is left alone
+    before = out.read_text()
+    with pytest.raises(InputError, match="different evaluation.*seed"):
+        run_rag_eval(data, [model], ["none"], resume=True, **dict(kwargs, seed=3))
+    assert out.read_text() == before
+    # a retrained reader (same compressor, so the same stored latents): only the modes that read it are redone
+    marked = json.loads(before)
+    marked["predictions"] = {k: ["kept"] * 3 for k in marked["predictions"]}
+    out.write_text(json.dumps(marked))
+    projector = model.decoder.projector
+    saved = {k: v.clone() for k, v in projector.state_dict().items()}
+    try:
+        with torch.no_grad():
+            projector.fc2.bias.add_(0.5)
+        redone = run_rag_eval(data, [model], ["none", "latent"], resume=True, **kwargs)
+    finally:
+        projector.load_state_dict(saved)
+    assert redone["predictions"]["none"] == ["kept"] * 3  # the base decoder's answers do not depend on the checkpoint
+    assert redone["predictions"][label] != ["kept"] * 3 and redone["redone"] == [label]
+    assert [r["mode"] for r in redone["scores"]] == ["none", label]
+    assert json.loads(Path(f"{out}.previous.json").read_text()) == marked  # the replaced results are not lost
+
+
+def test_rag_eval_errors(tmp_path, model):
+    with pytest.raises(InputError, match="resume continues the run saved in output"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["none"], resume=True)
+    with pytest.raises(InputError, match="unknown modes"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["oracle"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "c", "question": "q"}) + "\n")
+    with pytest.raises(InputError, match="record 0 needs context, question and non-empty answers"):
+        run_rag_eval(bad, [model], ["none"])
+
+
+def test_paired_comparison_scores_each_question_against_the_same_question(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"context": f"c{i}", "question": f"q{i}", "answers": [f"answer {i}"]} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    order = [r["question"] for r in sample_records(data, 4, seed=3)]  # the order the results are in
+    right = {q: f"answer {q[1:]}" for q in order}
+    # new: right on the first 3 questions, old: right on the first only; both 2 words per answer
+    new = {"data": str(data), "n": 4, "seed": 3, "predictions": {"latent": [right[q] if i < 3 else "no idea" for i, q in enumerate(order)]}}
+    old = {"data": "elsewhere/qa.jsonl", "n": 4, "seed": 3, "predictions": {"text": [right[q] if i < 1 else "no idea" for i, q in enumerate(order)]}}
+    rows = {r["metric"]: r for r in paired_comparison(new, old, mode="latent", old_mode="text")}
+    em = rows["exact_match"]
+    assert (em["new"], em["old"], em["difference"]) == (0.75, 0.25, 0.5)
+    assert em["standard_error"] == pytest.approx(torch.tensor([0.0, 1, 1, 0]).std().item() / 2)
+    assert rows["answer_words"]["difference"] == 0.0
+    # not the same questions, a missing mode, an unfinished run: clear errors, nothing compared
+    with pytest.raises(InputError, match="did not answer the same questions: seed 3 vs 4"):
+        paired_comparison(new, {**old, "seed": 4}, mode="latent", old_mode="text")
+    with pytest.raises(InputError, match="no predictions for mode 'latent'; it has \\['text'\\]"):
+        paired_comparison(new, old)
+    with pytest.raises(InputError, match="3 predictions for 4 questions"):
+        paired_comparison(new, {**old, "predictions": {"text": ["x"] * 3}}, mode="latent", old_mode="text")

@@ -1,0 +1,356 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lclm_rag.config import LatentConfig
+from lclm_rag.data import load_jsonl
+from lclm_rag.errors import ConfigError
+from lclm_rag.model import LatentContextModel
+from lclm_rag.training import TrainConfig, train
+from lclm_rag.training.examples import ExampleSource
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+
+def _config(tmp_path, tiny_models, out: str, steps=(6, 4), batch_size: int = 2, **extra) -> Path:
+    enc, dec = tiny_models
+    cfg = {
+        "output_dir": str(tmp_path / out),
+        "model": {"encoder": enc, "decoder": dec, "encoder_layers": None, "ratio": 4,
+                  "decoder_lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "corpus": [str(SHARED / "corpus" / "moby_dick.jsonl")],
+        "qa_data": [str(SHARED / "qa" / "quoref.jsonl")],
+        "chunk_tokens": 24, "batch_size": batch_size, "warmup_steps": 2, "save_every": 1, "eval_every": 100,
+        "eval_passages": 4, "seed": 3,
+        "stages": [{"name": "restoration", "steps": steps[0], "lr": 1e-3},
+                   {"name": "qa", "steps": steps[1], "lr": 1e-3, "distractors": 1, "mix_restoration": 0.5}],
+        **extra,
+    }
+    path = tmp_path / f"{out}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    return {r["global_step"]: r["loss"] for r in load_jsonl(out_dir / "log.jsonl") if r["type"] == "train"}
+
+
+def test_stages_run_log_and_save(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "run")))
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 11))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert any(r["type"] == "eval" and "restoration_acc_control" in r for r in load_jsonl(tmp_path / "run" / "log.jsonl"))
+    model = LatentContextModel.from_pretrained(final)
+    assert model.config.decoder_lora and (final / "decoder_lora").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_the_same_curve(tmp_path, tiny_models):
+    reference = train(TrainConfig.load(_config(tmp_path, tiny_models, "ref")))
+    cfg = _config(tmp_path, tiny_models, "killed")
+    args = [sys.executable, "-m", "lclm_rag.cli", "train", "--config", str(cfg)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(_losses(tmp_path / "killed")) >= 7):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 7 <= len(_losses(tmp_path / "killed")) < 10, "the kill must land mid-run"
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed, ref = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
+    assert sorted(resumed) == sorted(ref) == list(range(1, 11))
+    for step in ref:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-4), step
+    a = LatentContextModel.from_pretrained(reference)
+    b = LatentContextModel.from_pretrained(tmp_path / "killed" / "final")
+    torch.testing.assert_close(a.decoder.projector.fc2.weight, b.decoder.projector.fc2.weight, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_double_batch(tmp_path, tiny_models):
+    single = train(TrainConfig.load(_config(tmp_path, tiny_models, "single", steps=(3, 0), batch_size=4)))
+    cfg = _config(tmp_path, tiny_models, "ddp", steps=(3, 0), batch_size=2)
+    script = "from lclm_rag.training import main_from_config; import sys; main_from_config(sys.argv[1])"
+    (tmp_path / "ddp_main.py").write_text(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          str(tmp_path / "ddp_main.py"), str(cfg)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = LatentContextModel.from_pretrained(single)
+    b = LatentContextModel.from_pretrained(tmp_path / "ddp" / "final")
+    for (name, p), (_, q) in zip(a.decoder.projector.named_parameters(), b.decoder.projector.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    assert [r["samples"] for r in load_jsonl(tmp_path / "ddp" / "log.jsonl") if r["type"] == "train"] == [4, 8, 12]
+
+
+def test_config_errors(tmp_path, tiny_models):
+    with pytest.raises(ConfigError, match="evaluation only"):
+        TrainConfig.load(_config(tmp_path, tiny_models, "bad", qa_data=[str(SHARED / "qa" / "squad_dev.jsonl")]))
+    raw = json.loads(_config(tmp_path, tiny_models, "bad2").read_text())
+    raw["stages"][0]["name"] = "pretraining"
+    with pytest.raises(ConfigError, match="stage name"):
+        TrainConfig.from_dict(raw)
+    raw["stages"][0].update(name="restoration", part_lr={"encoder_lora": 1e-4})
+    with pytest.raises(ConfigError, match=r"part_lr names \['encoder_lora'\], which the stage does not train"):
+        TrainConfig.from_dict(raw)
+
+
+def test_qa_data_from_a_dataset_spec_and_eval_passages_refused(tmp_path, tiny_models):
+    """`datasets` specs train like JSONL files; QA passages shared with qa_eval_file are refused."""
+    hub_style = [{"context": r["context"], "question": r["question"], "answers": {"text": r["answers"], "answer_start": [0]}}
+                 for r in load_jsonl(SHARED / "qa" / "quoref.jsonl", limit=20)]
+    data = tmp_path / "qa_train.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in hub_style))
+    spec = {"dataset": "json", "data_files": str(data), "split": "train"}
+    raw = json.loads(_config(tmp_path, tiny_models, "hf", steps=(1, 2), qa_data=[spec]).read_text())
+    final = train(TrainConfig.from_dict(raw))
+    assert [r["stage"] for r in load_jsonl(tmp_path / "hf" / "log.jsonl") if r["type"] == "train"] == ["restoration", "qa", "qa"]
+    assert json.loads((tmp_path / "hf" / "train_config.json").read_text())["qa_data"][0]["dataset"] == "json"
+    assert (final / "config.json").exists()
+
+    leaked = tmp_path / "leak.jsonl"
+    leaked.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squad_dev.jsonl", limit=3)))
+    raw = json.loads(_config(tmp_path, tiny_models, "leak", qa_data=[str(leaked)],
+                             qa_eval_file=str(SHARED / "qa" / "squad_dev.jsonl")).read_text())
+    with pytest.raises(ConfigError, match=r"shares \d+ passages with qa_eval_file"):
+        train(TrainConfig.from_dict(raw))
+
+
+def test_part_lr_sets_each_part_its_own_learning_rate(tmp_path, tiny_models):
+    raw = json.loads(_config(tmp_path, tiny_models, "plr", steps=(3, 0)).read_text())
+    raw["stages"][0]["part_lr"] = {"decoder_lora": 0.0}  # frozen by its lr; the projector still learns at 1e-3
+    path = tmp_path / "plr.json"
+    path.write_text(json.dumps(raw))
+    final = train(TrainConfig.load(path))
+    model = LatentContextModel.from_pretrained(final)
+    lora_b = [p for n, p in model.decoder.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # LoRA B starts at zero and never moved
+    saved = torch.load(tmp_path / "plr" / "checkpoint" / "trainer.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["name"], g["initial_lr"]) for g in saved] == [("projector", 1e-3), ("boundary", 1e-3), ("decoder_lora", 0.0)]
+
+
+def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ratio(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "cal", steps=(2, 1))))
+    model = LatentContextModel.from_pretrained(final)
+    assert model.decoder.projector.calibrated  # saved with the checkpoint
+    cfg = json.loads(_config(tmp_path, tiny_models, "r8", steps=(1, 1)).read_text())
+    cfg.update(init_from=str(final), model={"ratio": 8})
+    path = tmp_path / "r8.json"
+    path.write_text(json.dumps(cfg))
+    r8 = LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+    assert r8.config.ratio == 8 and r8.fingerprint() != model.fingerprint()
+    # the r4 statistics are kept (the projector was trained on them), not re-measured
+    torch.testing.assert_close(r8.decoder.projector.latent_shift, model.decoder.projector.latent_shift)
+    assert r8.compress(["one two three four five six seven eight nine"])[0].shape[0] == 2
+
+
+def test_init_from_can_add_an_encoder_lora_that_starts_as_the_identity(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "base", steps=(2, 1))))
+    base = LatentContextModel.from_pretrained(final)
+    assert not (final / "encoder_lora").exists()
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    widened = LatentContextModel.from_pretrained(final, encoder_lora=lora)
+    text = ["Call me Ishmael. Some years ago, never mind how long precisely."]
+    torch.testing.assert_close(widened.compress(text)[0], base.compress(text)[0])  # zero-init: same latents
+    cfg = json.loads(_config(tmp_path, tiny_models, "enc", steps=(1, 2)).read_text())
+    cfg.update(init_from=str(final), model={"encoder_lora": lora})
+    cfg["stages"] = [{"name": "qa", "steps": 2, "lr": 1e-2, "distractors": 1, "train": ["encoder_lora", "projector"]}]
+    path = tmp_path / "enc.json"
+    path.write_text(json.dumps(cfg))
+    tuned = LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+    assert tuned.config.encoder_lora and tuned.fingerprint() != base.fingerprint()
+    assert not torch.allclose(tuned.compress(text)[0], base.compress(text)[0])  # the trained LoRA shapes the latents
+
+
+def test_data_seed_draws_new_examples_but_keeps_the_held_out_split(tmp_path, tiny_models):
+    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "seeds"))
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    same, other = ExampleSource(cfg, model), ExampleSource(dataclasses.replace(cfg, data_seed=7), model)
+    assert other.heldout_chunks == same.heldout_chunks and other.chunks == same.chunks
+    stage = cfg.stages[0]
+    drawn = [(same.example(0, stage, i).target, other.example(0, stage, i).target) for i in range(8)]
+    assert sum(a != b for a, b in drawn) >= 6
+    assert [same.example(0, stage, i).target for i in range(8)] == [a for a, _ in drawn]  # still deterministic
+
+
+def test_alignment_then_a_ratio_curriculum(tmp_path, tiny_models):
+    raw = json.loads(_config(tmp_path, tiny_models, "cur").read_text())
+    raw["stages"] = [{"name": "alignment", "steps": 8, "lr": 1e-3, "train": ["projector"], "ratio": 1},
+                     {"name": "restoration", "steps": 2, "lr": 1e-3, "ratio": 2},
+                     {"name": "restoration", "steps": 2, "lr": 1e-3, "ratio": 4}]
+    path = tmp_path / "cur.json"
+    path.write_text(json.dumps(raw))
+    final = train(TrainConfig.load(path))
+    rows = [r for r in load_jsonl(tmp_path / "cur" / "log.jsonl") if r["type"] == "train"]
+    assert [r["ratio"] for r in rows] == [1] * 8 + [2] * 2 + [4] * 2
+    align = rows[:8]
+    assert all("cosine" in r and "token_acc" not in r for r in align) and all("token_acc" in r for r in rows[8:])
+    cosine = [r["cosine"] for r in align]  # the regression learns: projected latents turn towards the token embeddings
+    assert sum(cosine[-4:]) / 4 > sum(cosine[:2]) / 2 + 0.05
+    model = LatentContextModel.from_pretrained(final)
+    assert model.config.ratio == 4 and model.compress(["one two three four five six seven eight nine"])[0].shape[0] == 3
+
+
+def test_memory_pooling_aligns_with_its_memory_embeddings(tmp_path, tiny_models):
+    from lclm_rag.config import LatentConfig
+
+    def run(name: str, parts: list[str]) -> LatentContextModel:
+        raw = json.loads(_config(tmp_path, tiny_models, name).read_text())
+        raw["model"].update(pooling="memory", encoder_layers=1)
+        raw["stages"] = [{"name": "alignment", "steps": 3, "lr": 1e-2, "train": parts},
+                         {"name": "restoration", "steps": 1, "lr": 1e-3, "train": [*parts, "decoder_lora"]}]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        return LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+
+    torch.manual_seed(3)  # the trainer seeds with cfg.seed before building the fresh model
+    start = LatentContextModel.from_config(LatentConfig(**json.loads(_config(tmp_path, tiny_models, "x").read_text())["model"]
+                                                       | {"pooling": "memory", "encoder_layers": 1}))
+    frozen, trained = run("frozen", ["projector"]), run("mem", ["projector", "memory"])
+    assert trained.config.pooling == "memory"
+    torch.testing.assert_close(frozen.compressor.memory_embeddings, start.compressor.memory_embeddings)
+    assert not torch.allclose(trained.compressor.memory_embeddings, start.compressor.memory_embeddings)
+    assert trained.compressor.fingerprint() != frozen.compressor.fingerprint() == start.compressor.fingerprint()
+
+
+def test_alignment_needs_a_shared_tokenizer_and_never_trains_the_decoder(tmp_path, tiny_models):
+    from lclm_rag.config import LatentConfig
+    from lclm_rag.training.objectives import check_shared_tokenizer
+    from lclm_rag.training.recipe import StageConfig
+
+    for parts in (["projector", "decoder_lora"], ["projector", "boundary"], ["memory"]):
+        with pytest.raises(ConfigError, match="alignment stage trains the projector"):
+            StageConfig(name="alignment", steps=1, train=parts)
+    StageConfig(name="alignment", steps=1, train=["projector", "memory", "encoder_lora"])
+    with pytest.raises(ConfigError, match="ratio must be a positive integer"):
+        StageConfig(name="restoration", steps=1, ratio=0)
+    enc, dec = tiny_models
+    model = LatentContextModel.from_config(LatentConfig(encoder=enc, decoder=dec, encoder_layers=None))
+    check_shared_tokenizer(model)  # same tokenizer: fine
+    model.decoder.tokenizer.add_tokens(["<extra-token>"])
+    with pytest.raises(ConfigError, match="needs the encoder and decoder to share a tokenizer"):
+        check_shared_tokenizer(model)
+
+
+def test_qa_stage_distils_the_full_text_teachers_answers(tmp_path, tiny_models):
+    from lclm_rag.training.examples import ExampleSource
+    from lclm_rag.training.recipe import StageConfig
+    from lclm_rag.training.teacher import TeacherAnswers
+
+    with pytest.raises(ConfigError, match="answers must be one of"):
+        StageConfig(name="qa", steps=1, answers="silver")
+    with pytest.raises(ConfigError, match="applies to a qa stage"):
+        StageConfig(name="restoration", steps=1, answers="teacher")
+    raw = json.loads(_config(tmp_path, tiny_models, "pisco", steps=(1, 4)).read_text())
+    raw["stages"][1]["answers"] = "teacher"
+    raw["teacher_max_new_tokens"] = 6
+    path = tmp_path / "pisco.json"
+    path.write_text(json.dumps(raw))
+    cfg = TrainConfig.load(path)
+    train(cfg, max_steps=3)  # killed mid-stage, then resumed: the cached labels are reused, not regenerated
+    final = train(cfg)
+    rows = load_jsonl(tmp_path / "pisco" / "teacher_answers.0.jsonl")
+    keys = [r["key"] for r in rows]
+    assert rows and len(keys) == len(set(keys))
+    # the labels are what the base decoder (adapters off) answers from the passages as text
+    model = LatentContextModel.from_pretrained(final).eval()
+    source = ExampleSource(cfg, model)
+    stage = cfg.stages[1]
+    qa = [ex for ex in (source.example(1, stage, i) for i in range(4 * cfg.batch_size)) if ex.task == "qa"]
+    assert qa and {TeacherAnswers.key(ex) for ex in qa} == set(keys)
+    ex = qa[0]
+    with torch.no_grad(), model.decoder.base():
+        expected = model.decoder.generate_from_segments([model.decoder.segments(ex.user_message, ex.passages)], max_new_tokens=6)[0]
+    assert dict(zip(keys, (r["answer"] for r in rows)))[TeacherAnswers.key(ex)] == expected
+    assert expected != ex.target  # the teacher's answer, not the gold one, was trained on
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").rglob("*.json")), ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_shipped_recipes_are_valid_configs(recipe):
+    cfg = TrainConfig.load(recipe)
+    assert cfg.stages and all(Path(p).name != "squad_dev.jsonl" for p in cfg.qa_data)
+
+
+def test_evaluate_heldout_measures_the_recipes_unseen_chunks(tmp_path, tiny_models):
+    from lclm_rag.cli import main
+    from lclm_rag.config import LatentConfig
+    from lclm_rag.evaluation import restoration_accuracy
+    from lclm_rag.training import evaluate_heldout
+    from lclm_rag.training.examples import ExampleSource
+
+    recipe = _config(tmp_path, tiny_models, "heldout")
+    cfg = TrainConfig.load(recipe)
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    checkpoint = model.save_pretrained(tmp_path / "ckpt")
+    source = ExampleSource(cfg, model)
+    assert source.heldout_chunks and not set(source.heldout_chunks) & set(source.chunks)
+    assert source.eval_chunks == source.heldout_chunks[: cfg.eval_passages]
+
+    result = evaluate_heldout(cfg, checkpoint, batch_size=8)
+    assert result["passages"] == 8 * (len(source.heldout_chunks) // 8) > 0
+    assert result["fingerprint"] == model.compressor.fingerprint() and result["ratio"] == 4
+    batches = [source.heldout_chunks[i : i + 8] for i in range(0, result["passages"], 8)]
+    loaded = LatentContextModel.from_pretrained(checkpoint)
+    own = sum(restoration_accuracy(loaded, b) for b in batches) / len(batches)
+    control = sum(restoration_accuracy(loaded, b, control=True) for b in batches) / len(batches)
+    assert (result["restoration_acc"], result["control"]) == (round(own, 4), round(control, 4))
+
+    out = tmp_path / "heldout_result.json"
+    assert main(["train", "--config", str(recipe), "--evaluate", str(checkpoint), "--batch-size", "8",
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["checkpoints"][str(checkpoint)] == result  # deterministic
+    with pytest.raises(ConfigError, match="fewer than one batch of 100000"):
+        evaluate_heldout(cfg, checkpoint, batch_size=100_000)
+
+
+def test_concat_bidirectional_curriculum_trains_its_pooling_only_at_its_own_ratio(tmp_path, tiny_models):
+    raw = json.loads(_config(tmp_path, tiny_models, "concat").read_text())
+    raw["model"].update(pooling="concat", encoder_attention="bidirectional")
+    raw["stages"] = [{"name": "restoration", "steps": 2, "lr": 1e-3, "ratio": 2, "train": ["projector", "pooling"]},
+                     {"name": "restoration", "steps": 3, "lr": 1e-2, "ratio": 4, "train": ["projector", "pooling"]}]
+    path = tmp_path / "concat.json"
+    path.write_text(json.dumps(raw))
+    fresh = LatentContextModel.from_config(LatentConfig(**raw["model"]))
+    start = fresh.compressor.concat_pool.proj.weight.detach().clone()
+    final = train(TrainConfig.load(path))
+    model = LatentContextModel.from_pretrained(final)
+    assert (model.config.pooling, model.config.encoder_attention, model.config.ratio) == ("concat", "bidirectional", 4)
+    assert not torch.equal(model.compressor.concat_pool.proj.weight, start)  # trained at 1:4
+    assert model.fingerprint() != fresh.fingerprint()
+
+
+def test_recipes_compose_from_a_base(tmp_path, tiny_models):
+    from lclm_rag.errors import ConfigError
+    from lclm_rag.training import load_recipe
+
+    base = _config(tmp_path, tiny_models, "base")
+    (tmp_path / "child.json").write_text(json.dumps({"base": base.name, "output_dir": str(tmp_path / "child"),
+                                                      "model": {"ratio": 8}, "stages": [{"name": "qa", "steps": 1}]}))
+    merged = load_recipe(tmp_path / "child.json")
+    parent = json.loads(base.read_text())
+    assert merged["model"] == {**parent["model"], "ratio": 8}  # dicts merge key by key
+    assert merged["stages"] == [{"name": "qa", "steps": 1}] and merged["corpus"] == parent["corpus"]  # lists are replaced
+    cfg = TrainConfig.load(tmp_path / "child.json")
+    assert cfg.output_dir == str(tmp_path / "child") and cfg.stages[0].name == "qa"
+    (tmp_path / "loop.json").write_text(json.dumps({"base": "loop.json"}))
+    with pytest.raises(ConfigError, match="its own base"):
+        load_recipe(tmp_path / "loop.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TrainConfig.load(tmp_path / "broken.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.load(tmp_path / "missing.json")
