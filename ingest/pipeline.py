@@ -8,10 +8,12 @@ exactly once when run again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -69,17 +71,39 @@ class IngestReport:
 
 
 def _doc_key(path: Path) -> str:
+    """A file's document id: its resolved absolute path, whatever directory the ingest ran from."""
+    return path.resolve().as_posix()
+
+
+def _legacy_doc_key(path: Path) -> str:
+    """The id collections written before ids were absolute used: relative to the working directory
+    when the file was below it. Documents already stored under it keep it (no re-ingestion)."""
     rel = os.path.relpath(path.resolve())
     return Path(rel).as_posix() if not rel.startswith("..") else path.resolve().as_posix()
 
 
-def _iter_files(paths: Sequence[str | Path]) -> Iterator[Path]:
+def _iter_files(paths: Sequence[str | Path], unreadable: list[tuple[Path, str]]) -> Iterator[Path]:
+    """Files under ``paths`` (hidden ones skipped), in a stable order; a directory that cannot be
+    listed is added to ``unreadable`` instead of being skipped in silence."""
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink()) and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        else:
+        if not p.is_dir():
             yield p  # a missing path is reported as a failed source by read_file
+            continue
+        found = []
+        for root, dirs, files in os.walk(p, onerror=lambda exc: unreadable.append((Path(exc.filename), exc.strerror or str(exc)))):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found.extend(Path(root) / f for f in files if not f.startswith("."))
+        yield from sorted(found)
+
+
+_CONTROL = re.compile("[\x01-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """Control characters (other than tab, newlines and form feed) become spaces: same length, so
+    character spans still point into the file."""
+    return _CONTROL.sub(" ", text)
 
 
 def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
@@ -97,8 +121,9 @@ def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
     if ext in RECORD_EXTENSIONS:
         return _read_records(raw, key, str(path), ext, text_field)
     if ext in TEXT_EXTENSIONS or ext == "":
-        if b"\x00" in raw[:8192]:
-            raise InputError("binary file (NUL bytes)")
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise InputError(f"binary file (a NUL byte at byte {nul})")
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -111,7 +136,7 @@ def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
         docs = SimpleDirectoryReader(input_files=[str(path)], errors="strict", raise_on_error=True).load_data()
     except Exception as exc:  # readers raise anything from ValueError to parser-specific errors
         raise InputError(f"no reader could read it ({type(exc).__name__}: {exc})") from exc
-    text = "\n\n".join(d.text for d in docs if d.text and d.text.strip())
+    text = clean_text("\n\n".join(d.text for d in docs if d.text and d.text.strip()))
     if not text.strip():
         raise InputError("no text extracted")
     meta = {k: v for k, v in (docs[0].metadata if docs else {}).items() if k in ("file_name", "file_type", "page_label")}
@@ -134,7 +159,7 @@ def _read_records(raw: bytes, key: str, source: str, ext: str, text_field: str) 
             continue
         rid = rec.get("id", i)
         meta = {k: v for k, v in rec.items() if k != text_field and isinstance(v, (str, int, float, bool))}
-        docs.append(SourceDocument(f"{key}#{rid}", rec[text_field], source, meta))
+        docs.append(SourceDocument(f"{key}#{rid}", clean_text(rec[text_field]), source, meta))
     if not docs:
         raise InputError(f"no record has text in field {text_field!r}")
     return docs
@@ -168,26 +193,33 @@ class Ingestor:
         report = IngestReport()
         start = time.perf_counter()
         docs: list[SourceDocument] = []
-        protected: set[str] = set()
-        for path in _iter_files(paths):
+        protected: set[str] = set()  # documents of failed files: never replaced or pruned
+        protected_dirs: list[str] = []  # and everything below a directory that could not be read
+        unreadable: list[tuple[Path, str]] = []
+        for path in _iter_files(paths, unreadable):
             report.files += 1
             try:
                 file_docs = read_file(path, text_field)
             except InputError as exc:
-                failure = FailedSource(str(path), str(exc), [_doc_key(path)])
-                report.failed.append(failure)
-                protected.add(_doc_key(path))
-                logger.warning("skipped %s: %s", path, exc)
+                report.failed.append(FailedSource(str(path), str(exc), [_doc_key(path), _legacy_doc_key(path)]))
+                protected.update((_doc_key(path), _legacy_doc_key(path)))
+                logger.info("skipped %s: %s", path, exc)
                 if strict:
                     raise InputError(f"{path}: {exc}") from exc
                 continue
-            docs.extend(d for d in file_docs if in_shard(d.doc_id, shard))
+            docs.extend(self._adopt_stored_ids(path, d) for d in file_docs if in_shard(d.doc_id, shard))
+        for directory, reason in unreadable:
+            report.failed.append(FailedSource(str(directory), f"unreadable directory: {reason}"))
+            protected_dirs.extend((_doc_key(directory) + "/", _legacy_doc_key(directory) + "/"))
+            if strict:
+                raise InputError(f"{directory}: unreadable directory: {reason}")
         self._ingest(docs, report, progress)
         if prune:
             keep = {d.doc_id for d in docs}
             for doc_id in self.store.doc_ids():
                 base = doc_id.split("#", 1)[0]
-                if doc_id in keep or doc_id in protected or base in protected or not in_shard(doc_id, shard):
+                if (doc_id in keep or doc_id in protected or base in protected or not in_shard(doc_id, shard)
+                        or any(base.startswith(d) for d in protected_dirs)):
                     continue
                 stale = self.store.ids_of_doc(doc_id)
                 self.store.delete(stale)
@@ -195,6 +227,14 @@ class Ingestor:
         report.bytes_stored = self.store.disk_bytes()
         report.seconds = time.perf_counter() - start
         return report
+
+    def _adopt_stored_ids(self, path: Path, doc: SourceDocument) -> SourceDocument:
+        """A document stored under its working-directory-relative id (collections written before
+        ids were absolute) keeps that id, so re-ingesting it neither duplicates nor rewrites it."""
+        legacy = doc.doc_id.replace(_doc_key(path), _legacy_doc_key(path), 1)
+        if legacy != doc.doc_id and not self.store.ids_of_doc(doc.doc_id) and self.store.ids_of_doc(legacy):
+            return dataclasses.replace(doc, doc_id=legacy)
+        return doc
 
     def ingest_documents(self, nodes: Sequence, split: bool = True, progress: bool = False) -> IngestReport:
         """Ingest LlamaIndex ``Document``/``TextNode`` objects.

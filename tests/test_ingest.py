@@ -41,7 +41,7 @@ def test_ingest_is_idempotent_and_tracks_changes(kind, tmp_path, docs, make_comp
     assert first.files == 4 and first.documents == 4 and not first.failed
     assert first.written == first.passages == store.count() > 4
     hit = store.search(embedder.embed(["Who designed the Eiffel Tower?"])[0], top_k=1)[0]
-    assert hit.payload["doc_id"] == "docs/eiffel_tower.md" and hit.latents.shape[1] == 576
+    assert hit.payload["doc_id"] == (docs / "eiffel_tower.md").resolve().as_posix() and hit.latents.shape[1] == 576
     assert {"source", "chunk_index", "start_char", "end_char", "num_tokens", "content_hash", "fingerprint", "ratio"} <= hit.payload.keys()
 
     again = ingestor.ingest_paths([docs], progress=False)
@@ -49,10 +49,10 @@ def test_ingest_is_idempotent_and_tracks_changes(kind, tmp_path, docs, make_comp
 
     # a changed document: new chunks in, old ones out, none left behind
     path = docs / "photosynthesis.txt"
-    old_ids = store.ids_of_doc("docs/photosynthesis.txt")
+    old_ids = store.ids_of_doc(path.resolve().as_posix())
     path.write_text("Photosynthesis happens in chloroplasts. " + path.read_text().replace("glucose", "sugar"))
     changed = ingestor.ingest_paths([docs], progress=False)
-    new_ids = store.ids_of_doc("docs/photosynthesis.txt")
+    new_ids = store.ids_of_doc(path.resolve().as_posix())
     assert changed.written == len(new_ids) and changed.deleted == len(old_ids) and not (old_ids & new_ids)
     stored_text = " ".join(p.text for p in store.retrieve(list(new_ids), with_latents=False))
     assert "sugar" in stored_text and "glucose" not in stored_text
@@ -61,7 +61,7 @@ def test_ingest_is_idempotent_and_tracks_changes(kind, tmp_path, docs, make_comp
     # a deleted document is removed with prune
     (docs / "apollo_11.md").unlink()
     pruned = ingestor.ingest_paths([docs], prune=True, progress=False)
-    assert pruned.pruned > 0 and "docs/apollo_11.md" not in store.doc_ids()
+    assert pruned.pruned > 0 and (docs / "apollo_11.md").resolve().as_posix() not in store.doc_ids()
     store.close()
 
 
@@ -71,7 +71,8 @@ def test_bad_files_are_reported_and_stored_data_is_untouched(tmp_path, docs, mak
     ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
     ingestor.ingest_paths([docs], progress=False)
     before = store.count()
-    reef_ids = store.ids_of_doc("docs/great_barrier_reef.txt")
+    reef = (docs / "great_barrier_reef.txt").resolve().as_posix()
+    reef_ids = store.ids_of_doc(reef)
     (docs / "great_barrier_reef.txt").write_bytes(b"\x89PNG\r\n\x00\x00 binary junk")  # now unreadable as text
     (docs / "empty.txt").write_text("   \n")
     (docs / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
@@ -82,7 +83,7 @@ def test_bad_files_are_reported_and_stored_data_is_untouched(tmp_path, docs, mak
     assert reasons.keys() == {"great_barrier_reef.txt", "empty.txt", "latin1.txt", "broken.jsonl", "dangling.md"}
     assert "binary" in reasons["great_barrier_reef.txt"] and "empty" in reasons["empty.txt"]
     assert "UTF-8" in reasons["latin1.txt"] and "JSONL" in reasons["broken.jsonl"]
-    assert store.ids_of_doc("docs/great_barrier_reef.txt") == reef_ids  # failed file: its stored chunks stay
+    assert store.ids_of_doc(reef) == reef_ids  # failed file: its stored chunks stay
     assert store.count() == before
     with pytest.raises(InputError, match="broken.jsonl: invalid JSONL"):  # the first bad file, in path order
         ingestor.ingest_paths([docs], strict=True, progress=False)
@@ -160,3 +161,72 @@ def test_cli_exit_codes(tmp_path, docs):
     res = subprocess.run(_cli("ingest", str(docs), "--collection", "c", "--path", str(tmp_path / "s"), "--shard", "3/2"),
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 2 and "--shard 3/2" in res.stderr
+
+
+def test_document_ids_do_not_depend_on_the_working_directory(tmp_path, docs, make_compressor, embedder, monkeypatch):
+    store = open_test_store("edge", tmp_path)
+    ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
+    monkeypatch.chdir(tmp_path)
+    first = ingestor.ingest_paths(["docs"], progress=False)  # cd a && ingest corp
+    monkeypatch.chdir(docs.parent.parent)
+    second = ingestor.ingest_paths([docs.relative_to(docs.parent.parent)], progress=False)  # ingest a/corp
+    monkeypatch.chdir("/")
+    third = ingestor.ingest_paths([docs.resolve()], progress=False)  # cd / && ingest /abs/a/corp
+    assert second.written == third.written == 0 and store.count() == first.written  # stored once
+    single = ingestor.ingest_paths([docs / "eiffel_tower.md"], progress=False)  # one file of the folder: the same id
+    assert single.written == 0 and single.skipped > 0
+    store.close()
+
+
+def test_documents_stored_under_relative_ids_keep_them(tmp_path, docs, make_compressor, embedder, monkeypatch):
+    from lclm_rag.ingest import SourceDocument
+
+    monkeypatch.chdir(tmp_path)
+    store = open_test_store("edge", tmp_path)
+    ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
+    text = (docs / "eiffel_tower.md").read_text()
+    ingestor.ingest_sources([SourceDocument("docs/eiffel_tower.md", text, "docs/eiffel_tower.md")])  # as earlier releases stored it
+    before = store.count()
+    report = ingestor.ingest_paths([docs / "eiffel_tower.md"], progress=False)
+    assert report.written == 0 and store.count() == before and store.doc_ids() == {"docs/eiffel_tower.md"}
+    store.close()
+
+
+def test_an_unreadable_directory_is_a_failed_source_and_its_documents_survive_prune(tmp_path, docs, make_compressor, embedder, monkeypatch):
+    import os
+
+    sub = docs / "more"
+    sub.mkdir()
+    (sub / "nile.txt").write_text("The Nile is a major north-flowing river in northeastern Africa.")
+    store = open_test_store("edge", tmp_path)
+    ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
+    ingestor.ingest_paths([docs], progress=False)
+    nile = (sub / "nile.txt").resolve().as_posix()
+    assert nile in store.doc_ids()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what the OS does to a directory this process may not list
+        if Path(path) == sub:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = ingestor.ingest_paths([docs], prune=True, progress=False)
+    assert [(Path(f.source).name, f.reason) for f in report.failed] == [("more", "unreadable directory: Permission denied")]
+    assert nile in store.doc_ids() and report.pruned == 0  # not deleted for being unreadable
+    with pytest.raises(InputError, match="unreadable directory"):
+        ingestor.ingest_paths([docs], strict=True, progress=False)
+    store.close()
+
+
+def test_text_is_checked_beyond_its_first_8_kb(tmp_path):
+    from lclm_rag.ingest import read_file
+
+    body = "A plain sentence about rivers. " * 400  # ~12 KB
+    (tmp_path / "nul.txt").write_bytes(body.encode() + b"\x00tail")
+    with pytest.raises(InputError, match="NUL byte at byte 12400"):
+        read_file(tmp_path / "nul.txt")
+    (tmp_path / "control.txt").write_bytes(body.encode() + b"bell\x07 and escape\x1b[0m end")
+    (doc,) = read_file(tmp_path / "control.txt")
+    assert "\x07" not in doc.text and "\x1b" not in doc.text and doc.text.endswith("bell  and escape [0m end")
+    assert len(doc.text) == len(body) + len("bell\x07 and escape\x1b[0m end")  # same length: spans stay true

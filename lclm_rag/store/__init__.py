@@ -17,6 +17,7 @@ Backends behind one small facade (``LatentStore``), as qdrant-client does for it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from lclm_rag.hub import lclm_home
 from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, directory_bytes, id_for_node, point_id
 from lclm_rag.store.edge import EdgeBackend
 from lclm_rag.store.qdrant import QdrantClientBackend
+
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 __all__ = ["Backend", "CollectionSpec", "EdgeBackend", "LatentStore", "QdrantClientBackend", "StoredPassage",
            "directory_bytes", "id_for_node", "point_id"]
@@ -48,8 +51,9 @@ class LatentStore:
     @classmethod
     def open(cls, name: str, *, path: str | Path | None = None, url: str | None = None, api_key: str | None = None,
              location: str | None = None, backend: str = "auto", **client_kwargs) -> "LatentStore":
-        if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip() in (".", ".."):
-            raise InputError(f"collection name must be a non-empty string without '/' or '\\', and not '.' or '..', got {name!r}")
+        if not isinstance(name, str) or not COLLECTION_NAME.fullmatch(name):
+            raise InputError(f"collection name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (it becomes a directory name)")
         if backend not in ("auto", "edge", "qdrant"):
             raise InputError(f"backend must be 'auto', 'edge' or 'qdrant', got {backend!r}")
         if url or location == ":memory:" or backend == "qdrant":

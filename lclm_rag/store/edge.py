@@ -22,9 +22,17 @@ from lclm_rag.store.base import (
     directory_bytes,
 )
 
+LOCK_FILE = ".lclm-rag.lock"
+
 
 class EdgeBackend(Backend):
-    """Qdrant's engine in-process (qdrant-edge-py): float16 stored as float16, WAL-protected."""
+    """Qdrant's engine in-process (qdrant-edge-py): float16 stored as float16, WAL-protected.
+
+    One process at a time, readers included: an OS-level lock (``flock`` on a file inside the
+    collection directory) is taken before the engine touches the shard, so a second process is
+    refused with a clear error and never disturbs the one that holds it. The lock goes with the
+    process (close, exit or kill). Concurrent workers use a Qdrant server (``--qdrant-url``).
+    """
 
     def __init__(self, directory: Path) -> None:
         import qdrant_edge as qe
@@ -32,24 +40,64 @@ class EdgeBackend(Backend):
         self.qe = qe
         self.dir = directory
         self.shard = None
-        if (directory / "edge_config.json").exists():
-            try:
-                self.shard = qe.EdgeShard.load(str(directory))
-            except Exception as exc:  # the engine raises plain Exception
-                if "WouldBlock" in str(exc):
-                    raise StoreError(
-                        f"the embedded collection at {directory} is open in another process: the in-process engine "
-                        "allows one process at a time (use a Qdrant server, --qdrant-url, for concurrent workers)"
-                    ) from exc
-                raise StoreError(f"cannot open the embedded collection at {directory}: {exc}") from exc
+        self._lock = None
+        if directory.exists():
+            if not directory.is_dir():
+                raise StoreError(f"{directory} is a file, not a collection directory: choose another --path")
+            self._acquire()
+            self._load()
+
+    # -- the cross-process lock
+    def _acquire(self) -> None:
+        import fcntl
+        import os
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lifetime of the backend
+        except OSError as exc:
+            raise StoreError(f"cannot use {self.dir} for a collection: {exc.strerror or exc} (choose another --path "
+                             "or LCLM_RAG_HOME)") from exc
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreError(f"the embedded collection at {self.dir} is open in another process ({holder}): one process "
+                             "at a time; wait for it, or use a Qdrant server (--qdrant-url) for concurrent access") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock = fh
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
+
+    def _load(self) -> None:
+        if not (self.dir / "edge_config.json").exists():
+            if any(p.name != LOCK_FILE for p in self.dir.iterdir()):
+                self._release()
+                raise StoreError(f"{self.dir} holds other files and no collection: choose an empty or new --path")
+            return
+        try:
+            self.shard = self.qe.EdgeShard.load(str(self.dir))
+        except Exception as exc:  # the engine raises plain Exception
+            self._release()
+            raise StoreError(f"cannot open the embedded collection at {self.dir}: {exc}") from exc
 
     def exists(self) -> bool:
         return self.shard is not None and (self.dir / META_FILE).exists()
 
     def create(self, spec, shard_number=None, replication_factor=None) -> None:
         qe = self.qe
+        if self._lock is None:  # a new collection: lock first, then see whether another process made it meanwhile
+            self._acquire()
+            self._load()
         if self.shard is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
             config = qe.EdgeConfig(vectors={
                 DENSE: qe.EdgeVectorParams(size=spec.embedding_dim, distance=qe.Distance.Cosine),
                 LATENT: qe.EdgeVectorParams(
@@ -123,3 +171,4 @@ class EdgeBackend(Backend):
             self.shard.flush()
             self.shard.close()
             self.shard = None
+        self._release()

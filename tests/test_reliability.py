@@ -1,0 +1,98 @@
+"""What a second process, a bad path or a bad name does to a collection: refused cleanly, with the
+running writer untouched (real processes, real files, the embedded engine)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from test_store import SPEC, _passages
+
+from lclm_rag.errors import InputError, StoreError
+from lclm_rag.store import LatentStore
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from test_store import SPEC, _passages
+    from lclm_rag.errors import StoreError
+    from lclm_rag.store import LatentStore
+    try:
+        store = LatentStore.open("c", path=sys.argv[1])
+        store.bind(SPEC)
+    except StoreError as exc:
+        print("refused:", exc, flush=True)
+        sys.exit(3)
+    print("open", flush=True)
+    for round in range(6):  # keeps writing while the other process tries to open the collection
+        store.upsert(_passages(5, doc=f"doc-{round}"))
+        time.sleep(0.5)
+    print(store.count(), flush=True)
+    store.close()
+""")
+
+
+def _start_writer(path, tests_dir):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(tests_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+    return proc
+
+
+@pytest.mark.slow
+def test_a_second_process_is_refused_and_the_writer_goes_on(tmp_path, request):
+    path = tmp_path / "coll"
+    writer = _start_writer(path, request.path.parent)
+    for _ in range(3):  # a query, an ingest and a Python open all look like this to the store
+        with pytest.raises(StoreError, match=r"open in another process \(pid \d+\)"):
+            LatentStore.open("c", path=path)
+        time.sleep(0.3)
+    out, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    assert out.strip() == "30"  # every batch of the writer landed
+    with LatentStore.open("c", path=path) as store:  # and once it is gone the collection opens whole
+        assert store.count() == 30
+
+
+@pytest.mark.slow
+def test_two_processes_creating_the_same_new_collection(tmp_path, request):
+    path = tmp_path / "new"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(request.path.parent)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=120), p.stdout.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 3], results  # one creates and writes, the other is refused cleanly
+    assert "open in another process" in results[1][1]
+    with LatentStore.open("c", path=path) as store:
+        assert store.count() == 30
+
+
+def test_paths_that_cannot_hold_a_collection(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        LatentStore.open("c", path=a_file)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="holds other files"):
+        LatentStore.open("c", path=tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    store = LatentStore.open("c", path=a_file / "coll")  # below a file: no directory can be made there
+    with pytest.raises(StoreError, match="cannot use"):
+        store.bind(SPEC)
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "a\\\\b", "", " ", "-rf", "x" * 200, "name with space"])
+def test_unsafe_collection_names_are_refused(name, tmp_path):
+    with pytest.raises(InputError, match="collection name"):
+        LatentStore.open(name, path=tmp_path / "c")
+
+
+def test_the_lock_is_released_on_close(tmp_path):
+    with LatentStore.open("c", path=tmp_path / "c") as store:
+        store.bind(SPEC)
+        store.upsert(_passages(2))
+    with LatentStore.open("c", path=tmp_path / "c") as again:
+        assert again.count() == 2
+    assert json.loads((tmp_path / "c" / "lclm_collection.json").read_text())["fingerprint"] == SPEC.fingerprint
