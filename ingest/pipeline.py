@@ -23,7 +23,7 @@ from pathlib import Path
 from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_text
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
-from lclm_rag.errors import InputError, LclmRagError
+from lclm_rag.errors import InputError
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, id_for_node, point_id
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     try:
         index, count = (int(x) for x in value.split("/"))
     except ValueError as exc:
-        raise LclmRagError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from exc
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from exc
     if not 0 <= index < count:
-        raise LclmRagError(f"--shard {value}: need 0 <= i < n")
+        raise InputError(f"--shard {value}: need 0 <= i < n")
     return index, count

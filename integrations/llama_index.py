@@ -14,6 +14,7 @@ a ``LatentCache`` keyed by node id, shared by the components of one engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ from lclm_rag.errors import InputError, StoreError
 from lclm_rag.model import LatentContextModel, load_model
 from lclm_rag.prompt import latent_positions
 from lclm_rag.store import LatentStore, id_for_node
+
+logger = logging.getLogger(__name__)
 
 
 class LatentCache:
@@ -66,8 +69,9 @@ class LatentRetriever(BaseRetriever):
         if not isinstance(similarity_top_k, int) or similarity_top_k <= 0:
             raise InputError(f"similarity_top_k must be a positive integer, got {similarity_top_k!r}")
         size = store.count()
-        if similarity_top_k > size:
-            raise InputError(f"similarity_top_k={similarity_top_k} but collection {store.name!r} holds only {size} passages")
+        if similarity_top_k > size:  # a small collection: every passage is retrieved
+            logger.info("similarity_top_k=%d but collection %r holds %d passages: retrieving all", similarity_top_k, store.name, size)
+            similarity_top_k = max(size, 1)
         self.store = store
         self.embedder = embedder or Embedder(spec.embedding_model)
         if self.embedder.dim != spec.embedding_dim:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
-from lclm_rag.errors import InputError, LclmRagError
+from lclm_rag.errors import ConfigError, InputError, LclmRagError
 from lclm_rag.hub import DEFAULT_EMBEDDER
 
 SAMPLE_PASSAGE = (
@@ -20,11 +20,18 @@ SAMPLE_PASSAGE = (
     "from 1887 to 1889 as the centerpiece of the 1889 World's Fair."
 )
 SAMPLE_QUESTION = "Who is the Eiffel Tower named after?"
+EXIT_PARTIAL = 1  # ingest finished, but some sources could not be read (listed on stderr)
+EXIT_USAGE = 2  # bad arguments or input (argparse uses 2 too)
+EXIT_ENVIRONMENT = 3  # the store, a model, a checkpoint or a path is not usable
+MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
+EXIT_CODES = f"""exit codes: 0 done; {EXIT_PARTIAL} ingest done but some sources failed; {EXIT_USAGE} bad arguments or input;
+{EXIT_ENVIRONMENT} store, model, checkpoint or path not usable; 130 interrupted"""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lclm_rag.model import load_model
 
+    check_question(args.question)
     model = load_model(args.checkpoint)
     t = time.perf_counter()
     latents = model.compress([args.passage])[0]
@@ -73,11 +80,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for failure in report.failed:
         print(f"failed: {failure.source}: {failure.reason}", file=sys.stderr)
     print(report.summary())
-    return 1 if report.failed else 0
+    return EXIT_PARTIAL if report.failed else 0
+
+
+def check_question(question: str) -> str:
+    """Refuse an empty or oversized question before any model loads."""
+    if not question.strip():
+        raise InputError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"the question is {len(question):,} characters; the limit is {MAX_QUESTION_CHARS:,} "
+                         "(put long material in the collection, not in the question)")
+    return question
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     from lclm_rag.integrations.llama_index import LatentQueryEngine
+
+    check_question(args.question)
 
     engine = LatentQueryEngine.from_collection(
         args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, model=args.checkpoint,
@@ -191,7 +210,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lclm-rag", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lclm-rag", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -285,9 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except LclmRagError as exc:
+    except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except LclmRagError as exc:  # store, model or checkpoint: the environment, not the arguments
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except OSError as exc:  # a path that cannot be read or written ($LCLM_RAG_HOME under a file, a full disk, ...)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ class LatentDecoder(nn.Module):
             elif isinstance(slot, torch.Tensor):
                 if slot.ndim != 2 or slot.shape[0] == 0:
                     raise InputError(f"passage {int(match.group(1))} latents must be (n>0, width), got {tuple(slot.shape)}")
+                if not torch.isfinite(slot).all():
+                    raise InputError(f"passage {int(match.group(1))} latents are not finite (NaN or inf): re-ingest the passage")
                 out.append(Segment(latents=slot))
             else:
                 raise InputError(f"passage {int(match.group(1))} is {type(slot).__name__}: give latents (a tensor) or text")

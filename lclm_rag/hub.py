@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from lclm_rag.errors import ModelNotFoundError
+from lclm_rag.errors import LclmRagError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +23,14 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def lclm_home() -> Path:
-    """Cache root: ``$LCLM_RAG_HOME`` or ``~/.cache/lclm-rag``."""
-    return Path(os.environ.get("LCLM_RAG_HOME", Path.home() / ".cache" / "lclm-rag"))
+    """Cache root: ``$LCLM_RAG_HOME`` or ``~/.cache/lclm-rag``; refused at once if a file is in the way."""
+    home = Path(os.environ.get("LCLM_RAG_HOME", Path.home() / ".cache" / "lclm-rag")).expanduser()
+    for part in (home, *home.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise LclmRagError(f"LCLM_RAG_HOME={home} cannot be used: {part} is a file (set LCLM_RAG_HOME to a directory)")
+            break
+    return home
 
 
 def is_offline() -> bool:

@@ -109,8 +109,10 @@ def test_errors(store, embedder, model, tmp_path):
     engine = LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model)
     with pytest.raises(InputError, match="question is empty"):
         engine.query("   ")
-    with pytest.raises(InputError, match="similarity_top_k=500 but collection 'docs' holds only"):
-        LatentRetriever(store, embedder, similarity_top_k=500)
+    everything = LatentRetriever(store, embedder, similarity_top_k=500)  # more than the collection holds: all of it
+    assert len(everything.retrieve("Eiffel")) == store.count()
+    with pytest.raises(InputError, match="similarity_top_k must be a positive integer"):
+        LatentRetriever(store, embedder, similarity_top_k=0)
     with pytest.raises(StoreError, match="'missing' does not exist"):
         LatentQueryEngine.from_collection("missing", path=str(tmp_path / "missing"), model=model)
     from lclm_rag.store import CollectionSpec, StoredPassage

@@ -96,3 +96,32 @@ def test_the_lock_is_released_on_close(tmp_path):
     with LatentStore.open("c", path=tmp_path / "c") as again:
         assert again.count() == 2
     assert json.loads((tmp_path / "c" / "lclm_collection.json").read_text())["fingerprint"] == SPEC.fingerprint
+
+
+def _cli(*args, env=None, cwd=None):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lclm_rag.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def _one_line_error(res, code: int, text: str) -> None:
+    assert res.returncode == code, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and text in lines[-1], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_setup_mistakes_are_one_line_errors_with_their_own_exit_code(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _one_line_error(_cli("query", "", "--collection", "c"), 2, "the question is empty")  # before any model loads
+    _one_line_error(_cli("query", "why? " * 3000, "--collection", "c"), 2, "the limit is 8,000")
+    _one_line_error(_cli("query", "q", "--collection", ".."), 2, "collection name '..' is not allowed")
+    _one_line_error(_cli("query", "q", "--collection", "c", "--path", str(a_file)), 3, "is a file")
+    _one_line_error(_cli("ingest", str(tmp_path), "--collection", "c", env={"LCLM_RAG_HOME": str(a_file / "home")}), 3,
+                    "LCLM_RAG_HOME=")
+    _one_line_error(_cli("query", "q", "--collection", "c", "--qdrant-url", "http://127.0.0.1:9"), 3, "127.0.0.1:9 (REST)")
+    _one_line_error(_cli("ingest", str(tmp_path), "--collection", "c", "--shard", "3/2"), 2, "--shard 3/2")
+    assert "exit codes:" in _cli("--help").stdout

@@ -18,6 +18,7 @@ Backends behind one small facade (``LatentStore``), as qdrant-client does for it
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class LatentStore:
     def require(self, fingerprint: str | None = None) -> CollectionSpec:
         """The collection's spec; raises if it does not exist or belongs to another compressor."""
         if self.spec is None:
-            raise StoreError(f"collection {self.name!r} does not exist (ingest into it first: lclm-rag ingest PATH --collection {self.name})")
+            raise StoreError(f"collection {self.name!r} does not exist (ingest into it first: lclm-rag ingest PATH --collection {shlex.quote(self.name)})")
         if fingerprint is not None and fingerprint != self.spec.fingerprint:
             raise CompressorMismatchError(
                 f"collection {self.name!r} holds latents of compressor {self.spec.fingerprint}, but the model's compressor is "

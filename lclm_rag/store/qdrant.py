@@ -20,7 +20,16 @@ class QdrantClientBackend(Backend):
         self.name = name
         self.location = url or path or ":memory:"
         if url:
-            self.client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=timeout, check_compatibility=False)
+            from urllib.parse import urlsplit
+
+            port = urlsplit(url if "//" in url else f"http://{url}").port
+            grpc = {"prefer_grpc": prefer_grpc}
+            if port == 6334:  # the gRPC port itself
+                grpc["grpc_port"] = port
+            elif port not in (None, 6333):  # a custom port is the REST port: dial it, not gRPC's default 6334
+                grpc["prefer_grpc"] = False
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False, **grpc)
+            self.location = f"{url} ({'gRPC' if grpc['prefer_grpc'] else 'REST'})"
         elif path and path != ":memory:":
             self.client = QdrantClient(path=path)
         else:
