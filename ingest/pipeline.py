@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS = {".txt", ".md", ".markdown", ".html", ".htm", ".rst", ".csv", ".xml"}
 RECORD_EXTENSIONS = {".jsonl", ".json"}
+PASSAGES_PER_SECOND_CPU = 15  # measured ingestion speed on 2 CPU cores (docs/benchmarks.md), for the estimate
 
 
 @dataclass
@@ -294,13 +295,17 @@ class Ingestor:
             report.skipped += len(existing & new.keys())
             pending.extend(p for pid, p in new.items() if pid not in existing)
             stale_by_doc[doc.doc_id] = existing - new.keys()
+        estimate = len(pending) / PASSAGES_PER_SECOND_CPU
+        if estimate > 3600:
+            logger.warning("%s passages to compress: about %.1f h on a CPU (%d passages/s; a GPU is much faster)",
+                           f"{len(pending):,}", estimate / 3600, PASSAGES_PER_SECOND_CPU)
         bar = None
         if progress and pending:
             from tqdm import tqdm
 
             bar = tqdm(total=len(pending), unit="passage", desc=f"ingest -> {self.store.name}")
-        for b in range(0, len(pending), self.batch_size):
-            batch = pending[b : b + self.batch_size]
+        while pending:  # consumed batch by batch: a written batch's texts are released
+            batch, pending[: self.batch_size] = pending[: self.batch_size], []
             texts = [p.text for p in batch]
             vectors = self.embedder.embed(texts)
             latents = self.compressor.compress(texts, batch_size=self.batch_size)
@@ -308,7 +313,7 @@ class Ingestor:
                 p.dense, p.latents = v, lat
             self.store.upsert(batch)
             report.written += len(batch)
-            logger.info("upserted batch of %d (%d/%d)", len(batch), report.written, len(pending))
+            logger.info("upserted batch of %d (%d written)", len(batch), report.written)
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
