@@ -83,6 +83,11 @@ class LatentDecoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def max_positions(self) -> int | None:
+        """How many prompt + answer positions the decoder LM reads (its context), if it says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def base(self) -> contextlib.AbstractContextManager:
         """Within this context the decoder runs without its LoRA adapters: the base LM users start from."""
         return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()

@@ -88,6 +88,10 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
     text_cost = [len(model.decoder.text_ids(p.text)) for p in passages]
     latent_cost = [latent_positions(p.latents.shape[0]) if p.latents is not None else math.inf for p in passages]
     overhead = sum(s.positions for s in model.decoder.qa_segments(question, []))
+    context = model.decoder.max_positions
+    if context is not None and overhead >= context:
+        raise InputError(f"the question takes {overhead:,} decoder positions; the decoder reads {context:,} in all "
+                         "(shorten the question)")
     per_slot = 8  # "[i] " and separators around each passage, upper bound
     plan = Plan(order=list(range(len(passages))))
     must_expand = {i for i, p in enumerate(passages) if p.latents is None}

@@ -64,6 +64,8 @@ def test_errors(model, decoder_parts):
         model.answer("q?", [torch.zeros(3, 100)])
     with pytest.raises(InputError, match="give latents"):
         model.answer("q?", [42])
+    with pytest.raises(InputError, match="not finite"):
+        model.answer("q?", [torch.full((3, 576), float("nan"))])
     cfg = LatentConfig(boundary="tokens", encoder_hidden_size=576)
     with pytest.raises(ConfigError, match="not in the decoder tokenizer"):
         LatentDecoder(cfg, model=decoder_parts[0], tokenizer=decoder_parts[1])

@@ -45,3 +45,10 @@ def test_expand_and_token_budget(model, passages):
         plan_prompt(model, question, ps, token_budget=10)
     with pytest.raises(InputError, match="never answers without context"):
         plan_prompt(model, question, [])
+
+
+def test_a_question_longer_than_the_decoder_reads_is_refused(model, passages):
+    ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
+    words = model.decoder.max_positions  # at least one position a word
+    with pytest.raises(InputError, match="decoder positions; the decoder reads"):
+        plan_prompt(model, "why " * words, ps)
