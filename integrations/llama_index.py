@@ -1,63 +1,42 @@
-"""LlamaIndex components: a retriever, a node postprocessor and a drop-in query engine.
+"""LlamaIndex components: a retriever, a node postprocessor, a response synthesizer, a query engine.
 
 - ``LatentRetriever``: one store query returns the top-k nodes with scores, payload and latents.
 - ``LatentContextPostprocessor``: for nodes from any retriever, attaches stored latents by node
   id (compressing on the fly, and flagging, the ones the collection does not hold); returns the
   same nodes, in order, scores and metadata untouched.
-- ``LatentQueryEngine``: drop-in for ``RetrieverQueryEngine``; the decoder skims every passage as
-  latents and reads the ``expand`` most relevant as raw text.
+- ``LatentSynthesizer`` (``integrations/synthesizer.py``): decodes from the nodes' latents, so
+  LlamaIndex's own ``RetrieverQueryEngine`` answers from latents.
+- ``LatentQueryEngine``: a ``RetrieverQueryEngine`` with a ``LatentSynthesizer``, built in one line
+  from a collection; the decoder skims every passage as latents and reads ``expand`` as text.
 
-Latents never ride inside node metadata (they would leak into prompts and docstores): they sit in
-a ``LatentCache`` keyed by node id, shared by the components of one engine.
+Latents travel in a ``LatentCache`` keyed by node id (``integrations/cache.py``), never in node
+metadata.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import OrderedDict
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from llama_index.core.base.base_query_engine import BaseQueryEngine
+from lclm_rag.integrations.cache import SHARED_CACHE, LatentCache, fill
+from lclm_rag.integrations.synthesizer import LatentSynthesizer
 from llama_index.core.base.base_retriever import BaseRetriever
-from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from pydantic import Field, PrivateAttr
 
-from lclm_rag import planning as q
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError, StoreError
 from lclm_rag.model import LatentContextModel, load_model
-from lclm_rag.prompt import latent_positions
-from lclm_rag.store import LatentStore, id_for_node
+from lclm_rag.store import LatentStore
 
 logger = logging.getLogger(__name__)
-
-
-class LatentCache:
-    """Bounded map node id -> (latents, source) shared by one engine's retriever and postprocessors."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, tuple[torch.Tensor, str]] = OrderedDict()
-
-    def put(self, node_id: str, latents: torch.Tensor, source: str) -> None:
-        self._items[node_id] = (latents, source)
-        self._items.move_to_end(node_id)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def get(self, node_id: str) -> tuple[torch.Tensor, str] | None:
-        return self._items.get(node_id)
-
-
-def _node_text(node) -> str:
-    return node.get_content() if hasattr(node, "get_content") else str(node)
+__all__ = ["LatentCache", "LatentContextPostprocessor", "LatentQueryEngine", "LatentRetriever", "LatentSynthesizer"]
 
 
 class LatentRetriever(BaseRetriever):
@@ -77,7 +56,7 @@ class LatentRetriever(BaseRetriever):
         if self.embedder.dim != spec.embedding_dim:
             raise StoreError(f"embedder {self.embedder.name!r} is {self.embedder.dim}-d; the collection was built with {spec.embedding_model!r} ({spec.embedding_dim}-d)")
         self.similarity_top_k = similarity_top_k
-        self.cache = cache or LatentCache()
+        self.cache = cache or SHARED_CACHE
         super().__init__(callback_manager=callback_manager)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
@@ -95,18 +74,23 @@ class LatentRetriever(BaseRetriever):
 
 
 class LatentContextPostprocessor(BaseNodePostprocessor):
-    """Attach stored latents to nodes from any retriever, by node id; compress the rest on the fly."""
+    """Attach stored latents to nodes from any retriever, by node id; compress the rest on the fly.
+
+    The latents are for a ``LatentSynthesizer`` (or ``LatentQueryEngine``) reading the same cache;
+    used with a synthesizer that reads only text, it warns once, at its first use.
+    """
 
     compress_missing: bool = Field(default=True, description="compress nodes the collection does not hold (flagged 'computed')")
     _store: LatentStore | None = PrivateAttr(default=None)
     _model: LatentContextModel = PrivateAttr()
     _cache: LatentCache = PrivateAttr()
+    _warned: bool = PrivateAttr(default=False)
 
     def __init__(self, model: LatentContextModel, store: LatentStore | None = None, cache: LatentCache | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if store is not None:
             store.require(model.fingerprint())
-        self._store, self._model, self._cache = store, model, cache or LatentCache()
+        self._store, self._model, self._cache = store, model, cache or SHARED_CACHE
 
     @classmethod
     def class_name(cls) -> str:
@@ -120,41 +104,55 @@ class LatentContextPostprocessor(BaseNodePostprocessor):
         self._cache = cache
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
-        missing = [n for n in nodes if self._cache.get(n.node.node_id) is None]
-        if missing and self._store is not None:  # one round trip for all of them
-            by_point = {id_for_node(n.node.node_id): n.node.node_id for n in missing}
-            for hit in self._store.retrieve(list(by_point), with_latents=True):
-                self._cache.put(by_point[hit.id], hit.latents, "stored")
-            missing = [n for n in missing if self._cache.get(n.node.node_id) is None]
-        if missing and self.compress_missing:
-            for n, lat in zip(missing, self._model.compress([_node_text(n.node) for n in missing])):
-                self._cache.put(n.node.node_id, lat, "computed")
+        if not self._cache.has_reader and not self._warned:
+            self._warned = True
+            warnings.warn("LatentContextPostprocessor: no LatentSynthesizer reads these latents, so the answer will come "
+                          "from the text: pass response_synthesizer=LatentSynthesizer(model) to the query engine "
+                          "(or use LatentQueryEngine)", UserWarning, stacklevel=3)
+        fill(self._cache, nodes, self._model, self._store, self.compress_missing)
         return nodes
 
 
-class LatentQueryEngine(BaseQueryEngine):
-    """Drop-in for ``RetrieverQueryEngine``: retrieve, postprocess, decode from latents (+ expanded text)."""
+class LatentQueryEngine(RetrieverQueryEngine):
+    """``RetrieverQueryEngine`` with a ``LatentSynthesizer``: retrieve, postprocess, decode from latents.
+
+    Nodes from a foreign retriever get their latents through a ``LatentContextPostprocessor``
+    (added if none is given). Response metadata adds the retrieval time to the synthesizer's plan.
+    """
 
     def __init__(self, retriever: BaseRetriever, model: LatentContextModel, node_postprocessors: Sequence[BaseNodePostprocessor] = (),
                  streaming: bool = False, expand: int = 0, expand_policy: str = "score", token_budget: int | None = None,
                  max_new_tokens: int = 64, callback_manager: CallbackManager | None = None, **generate_kwargs: Any) -> None:
-        if expand_policy not in q.POLICIES:
-            raise InputError(f"expand_policy must be one of {q.POLICIES}, got {expand_policy!r}")
-        self._retriever = retriever
-        self._model = model
-        self._node_postprocessors = list(node_postprocessors)
-        self._cache = getattr(retriever, "cache", None) or LatentCache()
-        for post in self._node_postprocessors:
+        cache = getattr(retriever, "cache", None) or LatentCache()
+        postprocessors = list(node_postprocessors)
+        for post in postprocessors:
             if isinstance(post, LatentContextPostprocessor):
-                post.use_cache(self._cache)
+                post.use_cache(cache)
         if isinstance(retriever, LatentRetriever):
             retriever.store.require(model.fingerprint())
-        elif not any(isinstance(p, LatentContextPostprocessor) for p in self._node_postprocessors):
-            # nodes from a foreign retriever: get latents through a postprocessor (compressing on the fly)
-            self._node_postprocessors.append(LatentContextPostprocessor(model, cache=self._cache))
-        self.streaming, self.expand, self.expand_policy = streaming, expand, expand_policy
-        self.token_budget, self.max_new_tokens, self.generate_kwargs = token_budget, max_new_tokens, generate_kwargs
-        super().__init__(callback_manager=callback_manager)
+        elif not any(isinstance(p, LatentContextPostprocessor) for p in postprocessors):
+            postprocessors.append(LatentContextPostprocessor(model, cache=cache))  # compresses on the fly
+        synthesizer = LatentSynthesizer(model, cache=cache, expand=expand, expand_policy=expand_policy, token_budget=token_budget,
+                                        max_new_tokens=max_new_tokens, streaming=streaming, callback_manager=callback_manager,
+                                        **generate_kwargs)
+        super().__init__(retriever, response_synthesizer=synthesizer, node_postprocessors=postprocessors,
+                         callback_manager=callback_manager)
+
+    @property
+    def synthesizer(self) -> LatentSynthesizer:
+        return self._response_synthesizer
+
+    @property
+    def streaming(self) -> bool:
+        return self._response_synthesizer._streaming
+
+    @streaming.setter
+    def streaming(self, value: bool) -> None:
+        self._response_synthesizer._streaming = value
+
+    @property
+    def generate_kwargs(self) -> dict:
+        return self._response_synthesizer.generate_kwargs
 
     @classmethod
     def from_args(cls, retriever: BaseRetriever, model: LatentContextModel | None = None,
@@ -174,58 +172,22 @@ class LatentQueryEngine(BaseQueryEngine):
         if not isinstance(model, LatentContextModel):
             model = load_model(model)
         store.require(model.fingerprint())
-        retriever = LatentRetriever(store, similarity_top_k=similarity_top_k)
+        retriever = LatentRetriever(store, similarity_top_k=similarity_top_k, cache=LatentCache())
         return cls.from_args(retriever, model=model, **kwargs)
 
-    def _get_prompt_modules(self) -> dict:
-        return {}
-
-    # ------------------------------------------------------------------ the query path
-    def retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        nodes = self._retriever.retrieve(query_bundle)
-        for post in self._node_postprocessors:
-            nodes = post.postprocess_nodes(nodes, query_bundle=query_bundle)
-        return nodes
-
-    def _prepare(self, query_bundle: QueryBundle):
+    def _query(self, query_bundle: QueryBundle):
         if not query_bundle.query_str.strip():
             raise InputError("the question is empty")
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         nodes = self.retrieve(query_bundle)
-        t1 = time.perf_counter()
+        retrieved = time.perf_counter()
         if not nodes:
             raise StoreError("retrieval returned no passages: refusing to answer without context")
-        passages = []
-        for n in nodes:
-            entry = self._cache.get(n.node.node_id)
-            latents, source = entry if entry is not None else (None, "none")
-            passages.append(q.Passage(n.node.node_id, _node_text(n.node), n.score, latents, source))
-        plan = q.plan_prompt(self._model, query_bundle.query_str, passages, self.expand, self.expand_policy, self.token_budget)
-        segments = q.build_segments(self._model, query_bundle.query_str, passages, plan)
-        metadata = {
-            "passages": [
-                {"node_id": p.id, "score": p.score, "mode": "dropped" if i in plan.dropped else "text" if i in plan.expanded else "latent",
-                 "latent_source": p.latent_source, "latent_positions": None if p.latents is None else latent_positions(p.latents.shape[0])}
-                for i, p in enumerate(passages)
-            ],
-            "expanded": [passages[i].id for i in plan.order if i in plan.expanded],
-            "prompt_positions": plan.prompt_positions,
-            "compressor_fingerprint": self._model.fingerprint(),
-            "timings": {"retrieve_s": t1 - t0, "prepare_s": time.perf_counter() - t1},
-        }
-        kept = [nodes[i] for i in plan.order]
-        return kept, segments, metadata
-
-    def _query(self, query_bundle: QueryBundle):
-        start = time.perf_counter()
-        nodes, segments, metadata = self._prepare(query_bundle)
-        if self.streaming:
-            gen = q.stream(self._model, segments, self.max_new_tokens, **self.generate_kwargs)
-            return StreamingResponse(response_gen=gen, source_nodes=nodes, metadata=metadata)
-        t = time.perf_counter()
-        text = q.generate(self._model, segments, self.max_new_tokens, **self.generate_kwargs)
-        metadata["timings"].update(generate_s=time.perf_counter() - t, total_s=time.perf_counter() - start)
-        return Response(response=text, source_nodes=nodes, metadata=metadata)
+        response = self._response_synthesizer.synthesize(query=query_bundle, nodes=nodes)
+        response.metadata["timings"].update(retrieve_s=retrieved - start, total_s=time.perf_counter() - start)
+        return response
 
     async def _aquery(self, query_bundle: QueryBundle):
+        import asyncio
+
         return await asyncio.to_thread(self._query, query_bundle)

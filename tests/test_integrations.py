@@ -102,7 +102,39 @@ def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embed
     engine = LatentQueryEngine.from_args(retriever=index.as_retriever(similarity_top_k=4), node_postprocessors=[post], model=model, max_new_tokens=4)
     response = engine.query("What did Apollo 11 do?")
     assert len(response.source_nodes) == 4 and sorted(p["latent_source"] for p in response.metadata["passages"]) == ["computed", "stored", "stored", "stored"]
+
+    # LlamaIndex's own engine with the latent synthesizer: the same answer from the same latents
+    from lclm_rag.integrations.llama_index import LatentCache, LatentSynthesizer
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.core.schema import QueryBundle
+
+    cache = LatentCache()
+    synthesizer = LatentSynthesizer(model, cache=cache, max_new_tokens=4)
+    standard = RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=4), response_synthesizer=synthesizer,
+                                    node_postprocessors=[LatentContextPostprocessor(model, store=latent_store, cache=cache)])
+    own = standard.query("What did Apollo 11 do?")
+    assert own.response == response.response and own.metadata["passages"] == response.metadata["passages"]
+    streamed = RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=4),
+                                    response_synthesizer=LatentSynthesizer(model, cache=cache, max_new_tokens=4, streaming=True),
+                                    node_postprocessors=[LatentContextPostprocessor(model, store=latent_store, cache=cache)])
+    assert "".join(streamed.query("What did Apollo 11 do?").response_gen).strip() == response.response
+    nodes = standard.retrieve(QueryBundle("What did Apollo 11 do?"))
+    assert asyncio.run(synthesizer.asynthesize("What did Apollo 11 do?", nodes)).response == response.response
     client.close()
+
+
+def test_a_postprocessor_whose_latents_nobody_reads_warns_once(store, embedder, model):
+    import warnings
+
+    from lclm_rag.integrations.llama_index import LatentCache
+
+    nodes = LatentRetriever(store, embedder, similarity_top_k=2, cache=LatentCache()).retrieve(QUESTION)
+    post = LatentContextPostprocessor(model, store=store, cache=LatentCache())  # a cache no synthesizer reads
+    with pytest.warns(UserWarning, match="no LatentSynthesizer reads these latents"):
+        post.postprocess_nodes(nodes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        post.postprocess_nodes(nodes)  # once is enough
 
 
 def test_errors(store, embedder, model, tmp_path):
