@@ -24,6 +24,10 @@ EXIT_PARTIAL = 1  # ingest finished, but some sources could not be read (listed 
 EXIT_USAGE = 2  # bad arguments or input (argparse uses 2 too)
 EXIT_ENVIRONMENT = 3  # the store, a model, a checkpoint or a path is not usable
 MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
+FILE_TYPES = """file types: text (.txt .md .markdown .rst .html .htm .xml .csv, or no extension; UTF-8), JSON and
+JSONL records (their "text" field, --text-field), and through LlamaIndex's readers PDF (.pdf), Word
+(.docx) and the other types SimpleDirectoryReader reads when their reader's package is installed
+(.pptx, .epub, .ipynb, .xlsx, ...). A file no reader can read is reported and skipped."""
 EXIT_CODES = f"""exit codes: 0 done; {EXIT_PARTIAL} ingest done but some sources failed; {EXIT_USAGE} bad arguments or input;
 {EXIT_ENVIRONMENT} store, model, checkpoint or path not usable; 130 interrupted"""
 
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ingest", help="chunk, embed, compress and store files (txt, md, html, pdf, json, jsonl)")
+    p = sub.add_parser("ingest", help="chunk, embed, compress and store files", epilog=FILE_TYPES)
     p.add_argument("paths", nargs="+", help="files or directories")
     add_store_args(p)
     p.add_argument("--checkpoint", help="compressor checkpoint (default: the packaged one)")

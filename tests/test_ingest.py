@@ -230,3 +230,55 @@ def test_text_is_checked_beyond_its_first_8_kb(tmp_path):
     (doc,) = read_file(tmp_path / "control.txt")
     assert "\x07" not in doc.text and "\x1b" not in doc.text and doc.text.endswith("bell  and escape [0m end")
     assert len(doc.text) == len(body) + len("bell\x07 and escape\x1b[0m end")  # same length: spans stay true
+
+
+def _pdf(text: str) -> bytes:
+    """A one-page PDF holding ``text`` (hand-written objects, a valid xref table)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (i, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def _docx(text: str) -> bytes:
+    """A minimal Word document holding ``text`` in one paragraph."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+                   '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+                   '<Default Extension="xml" ContentType="application/xml"/><Override PartName="/word/document.xml" '
+                   'ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>')
+        z.writestr("_rels/.rels", '<?xml version="1.0"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+                   '<Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" '
+                   'Target="word/document.xml"/></Relationships>')
+        z.writestr("word/document.xml", '<?xml version="1.0"?><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
+                   f'<w:body><w:p><w:r><w:t>{text}</w:t></w:r></w:p></w:body></w:document>')
+    return buffer.getvalue()
+
+
+def test_pdf_and_docx_are_read_and_found_and_a_corrupt_one_is_reported(tmp_path, make_compressor, embedder):
+    folder = tmp_path / "office"
+    folder.mkdir()
+    (folder / "volcano.pdf").write_bytes(_pdf("Mount Etna is an active stratovolcano on the east coast of Sicily."))
+    (folder / "orchid.docx").write_bytes(_docx("The vanilla orchid is pollinated by hand on Madagascar farms."))
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not a pdf body")
+    store = open_test_store("edge", tmp_path)
+    report = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64).ingest_paths([folder], progress=False)
+    assert [Path(f.source).name for f in report.failed] == ["broken.pdf"] and report.documents == 2
+    for question, name in (("Which volcano is in Sicily?", "volcano.pdf"), ("How is vanilla pollinated?", "orchid.docx")):
+        hit = store.search(embedder.embed([question])[0], top_k=1)[0]
+        assert hit.payload["doc_id"].endswith(name) and ("Etna" in hit.text or "vanilla" in hit.text)
+    store.close()
