@@ -6,6 +6,8 @@
   same nodes, in order, scores and metadata untouched.
 - ``LatentSynthesizer`` (``integrations/synthesizer.py``): decodes from the nodes' latents, so
   LlamaIndex's own ``RetrieverQueryEngine`` answers from latents.
+- ``LatentCompression`` and ``LatentVectorStore`` (``integrations/vector_store.py``): an
+  ``IngestionPipeline`` or ``VectorStoreIndex`` writes latent collections.
 - ``LatentQueryEngine``: a ``RetrieverQueryEngine`` with a ``LatentSynthesizer``, built in one line
   from a collection; the decoder skims every passage as latents and reads ``expand`` as text.
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from lclm_rag.integrations.cache import SHARED_CACHE, LatentCache, fill
 from lclm_rag.integrations.synthesizer import LatentSynthesizer
+from lclm_rag.integrations.vector_store import LatentCompression, LatentVectorStore
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
@@ -36,7 +39,8 @@ from lclm_rag.model import LatentContextModel, load_model
 from lclm_rag.store import LatentStore
 
 logger = logging.getLogger(__name__)
-__all__ = ["LatentCache", "LatentContextPostprocessor", "LatentQueryEngine", "LatentRetriever", "LatentSynthesizer"]
+__all__ = ["LatentCache", "LatentCompression", "LatentContextPostprocessor", "LatentQueryEngine", "LatentRetriever",
+           "LatentSynthesizer", "LatentVectorStore"]
 
 
 class LatentRetriever(BaseRetriever):

@@ -157,7 +157,7 @@ def test_errors(store, embedder, model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["ingest_and_query.py", "postprocessor_with_llamaindex_qdrant.py"])
+@pytest.mark.parametrize("script", ["ingest_and_query.py", "postprocessor_with_llamaindex_qdrant.py", "llamaindex_pipeline_and_query_engine.py"])
 def test_examples_run_offline(script, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, str(REPO / "examples" / script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
@@ -179,3 +179,56 @@ def test_cli_query(store, model, tmp_path):
         store.backend.__init__(path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "answer:" in res.stdout and "[  text]" in res.stdout and "[latent]" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def packaged_model():
+    from lclm_rag.model import LatentContextModel
+
+    return LatentContextModel.from_pretrained("smollm2-135m-r4")
+
+
+@pytest.mark.slow
+def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_readers_read(tmp_path, packaged_model):
+    from lclm_rag.integrations.llama_index import LatentCache, LatentCompression, LatentSynthesizer, LatentVectorStore
+    from llama_index.core import SimpleDirectoryReader, StorageContext, VectorStoreIndex
+    from llama_index.core.ingestion import IngestionPipeline
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from lclm_rag.hub import DEFAULT_EMBEDDER, resolve_model
+
+    model = packaged_model
+    embed_model = HuggingFaceEmbedding(model_name=resolve_model(DEFAULT_EMBEDDER))
+    docs = SimpleDirectoryReader(str(DOCS), filename_as_id=True).load_data()
+    cache = LatentCache()
+
+    # 1. IngestionPipeline -> a collection that LatentQueryEngine (what `lclm-rag query` runs) reads
+    store = LatentStore.open("pipe", path=tmp_path / "pipe")
+    pipeline = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), embed_model,
+                                                  LatentCompression(model, cache=cache)],
+                                 vector_store=LatentVectorStore(store, model, DEFAULT_EMBEDDER, cache=cache),
+                                 docstore=SimpleDocumentStore())
+    written = pipeline.run(documents=docs)
+    count = store.count()
+    assert count == len(written) > len(docs) and store.spec.fingerprint == model.fingerprint()
+    assert pipeline.run(documents=docs) == [] and store.count() == count  # the docstore skips unchanged documents
+    store.close()
+    engine = LatentQueryEngine.from_collection("pipe", path=str(tmp_path / "pipe"), model=model, similarity_top_k=3, max_new_tokens=12)
+    answer = engine.query(QUESTION)
+    assert "Eiffel" in answer.response and [p["latent_source"] for p in answer.metadata["passages"]] == ["stored"] * 3
+    engine.retriever.store.close()
+
+    # 2. VectorStoreIndex.from_documents -> the standard RetrieverQueryEngine with the latent synthesizer
+    vector_store = LatentVectorStore(LatentStore.open("index", path=tmp_path / "index"), model, DEFAULT_EMBEDDER, cache=cache)
+    index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=vector_store),
+                                            embed_model=embed_model,
+                                            transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), LatentCompression(model, cache=cache)])
+    standard = RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=3),
+                                    response_synthesizer=LatentSynthesizer(model, cache=cache, max_new_tokens=12))
+    response = standard.query(QUESTION)
+    assert response.response == answer.response  # the same passages, latents and decoder as the pipeline's collection
+    assert [p["latent_source"] for p in response.metadata["passages"]] == ["stored"] * 3
+    vector_store.client.close()
