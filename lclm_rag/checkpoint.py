@@ -90,17 +90,46 @@ def packaged_checkpoints() -> dict[str, Path]:
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A checkpoint directory from a path or the name of a packaged checkpoint."""
+    """A checkpoint directory from a path, the name of a packaged checkpoint, or a Hugging Face hub id."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     packaged = packaged_checkpoints()
     if str(name_or_path) in packaged:
         return packaged[str(name_or_path)]
+    name = str(name_or_path)
+    if _looks_like_hub_id(name) and not (path.parent != Path(".") and path.parent.is_dir()):  # runs/x is a path
+        return _download_checkpoint(name)
     raise CheckpointError(
-        f"checkpoint {str(name_or_path)!r} is neither a directory nor a packaged checkpoint "
-        f"(packaged: {sorted(packaged) or 'none'})"
+        f"checkpoint {name!r} is neither a directory, a packaged checkpoint (packaged: {sorted(packaged) or 'none'}) "
+        "nor a hub id (owner/name)"
     )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.startswith((".", "/", "~"))
+
+
+def _download_checkpoint(repo_id: str) -> Path:
+    """A hub checkpoint from the local cache, or downloaded (unless HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import snapshot_download
+
+    from lclm_rag.hub import is_offline
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached: download below, or explain
+        pass
+    if is_offline():
+        raise CheckpointError(f"checkpoint {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                              f"download it on a connected machine (huggingface-cli download {repo_id}) or pass a directory")
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # network and hub errors come in many types; the message is what matters
+        raise CheckpointError(f"checkpoint {repo_id!r} could not be downloaded from the Hugging Face hub "
+                              f"({type(exc).__name__}: {exc}); check the id, the network and HF_TOKEN") from exc
 
 
 def is_lclm_layout(directory: str | Path) -> bool:

@@ -159,16 +159,18 @@ class LatentDecoder(nn.Module):
         return embeds, mask
 
     # ------------------------------------------------------------------ generation
-    def _generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
+    def _generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                         top_k: int | None = None, repetition_penalty: float | None = None) -> dict:
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             use_cache=True,
+            repetition_penalty=repetition_penalty,  # None: the model's own setting (LCLM's HF path uses 1.1)
         )
         if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # silence "temperature is set but do_sample=False" from a model's generation_config
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
@@ -183,10 +185,13 @@ class LatentDecoder(nn.Module):
         top_p: float = 0.9,
         streamer=None,
         min_new_tokens: int = 0,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
     ) -> list[str]:
         """Decode a batch of prompts; returns only the new text of each.
 
-        ``min_new_tokens`` suppresses EOS until then (benchmarks time a fixed answer length).
+        Sampling settings apply with ``do_sample``; ``repetition_penalty`` applies to greedy
+        decoding too. ``min_new_tokens`` suppresses EOS until then (benchmarks time a fixed answer length).
         """
         embeds, mask = self.pad_batch([self.embed(p) for p in prompts])
         out = self.model.generate(
@@ -194,7 +199,7 @@ class LatentDecoder(nn.Module):
             attention_mask=mask,
             streamer=streamer,
             min_new_tokens=min_new_tokens,
-            **self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p),
+            **self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty),
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

@@ -40,11 +40,15 @@ class LatentContextModel(nn.Module):
         return cls(config)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT, **overrides: Any) -> "LatentContextModel":
-        """Load a checkpoint directory (ours or LCLM's layout) or a packaged checkpoint by name.
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, **overrides: Any) -> "LatentContextModel":
+        """Load a checkpoint: a packaged name, a local directory (ours or LCLM's layout) or a hub id.
 
-        ``overrides`` replace config fields before the weights load, e.g. ``ratio=8`` to start a
-        1:8 model from a 1:4 one (mean pooling has no ratio-shaped weights).
+        ``device`` (default CPU) and ``dtype`` (default bfloat16 on CUDA, float32 otherwise) place
+        the whole model. The fingerprint is taken from the weights as stored, before any cast, so
+        a collection ingested in float32 is read by the same checkpoint in bfloat16 (the query path
+        never re-encodes). ``overrides`` replace config fields before the weights load, e.g.
+        ``ratio=8`` to start a 1:8 model from a 1:4 one (mean pooling has no ratio-shaped weights).
         """
         directory = resolve_checkpoint(name_or_path)
         config = load_config(directory)
@@ -57,7 +61,20 @@ class LatentContextModel(nn.Module):
             model.compressor.load_trained(directory)
             model.decoder.load_trained(directory)
         model.eval()
+        device = torch.device(device) if device is not None else None
+        dtype = resolve_dtype(dtype, device)
+        if dtype != torch.float32 or device is not None:
+            model.fingerprint()  # cached from the stored weights
+            model.to(device=device, dtype=dtype)
         return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.model.get_input_embeddings().weight.dtype
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json and the trained parts only; base weights stay referenced."""
@@ -97,6 +114,19 @@ class LatentContextModel(nn.Module):
 
     def prompt_positions(self, segments: Sequence[Segment]) -> int:
         return sum(s.positions for s in segments)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None) -> torch.dtype:
+    """A torch dtype from a dtype, its name ("bfloat16", "bf16", "float32", ...) or None (bf16 on CUDA, else fp32)."""
+    if dtype is None:
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    resolved = getattr(torch, names.get(str(dtype).lower(), str(dtype).lower()), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ConfigError(f"dtype must be a floating-point torch dtype or its name (bfloat16, float16, float32), got {dtype!r}")
+    return resolved
 
 
 def load_model(checkpoint: str | Path | None = None) -> LatentContextModel:

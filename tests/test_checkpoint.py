@@ -50,7 +50,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, passages):
 
 
 def test_checkpoint_errors(tmp_path, model):
-    with pytest.raises(CheckpointError, match="neither a directory nor a packaged checkpoint"):
+    with pytest.raises(CheckpointError, match="is neither a directory, a packaged checkpoint"):
         LatentContextModel.from_pretrained(tmp_path / "nope")
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "projector.safetensors").unlink()
@@ -167,3 +167,21 @@ def test_packaged_checkpoints_load_at_their_ratio():
         compressor = LatentCompressor.from_pretrained(name).eval()
         assert compressor.fingerprint() == model.fingerprint()
         torch.testing.assert_close(compressor.compress([text])[0], latents)
+
+
+def test_from_pretrained_places_the_model_and_keeps_the_stored_fingerprint():
+    fp32 = LatentContextModel.from_pretrained("smollm2-135m-r4")
+    bf16 = LatentContextModel.from_pretrained("smollm2-135m-r4", dtype="bfloat16", device="cpu")
+    assert (fp32.dtype, bf16.dtype) == (torch.float32, torch.bfloat16) and bf16.device.type == "cpu"
+    assert bf16.compressor.encoder.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert bf16.fingerprint() == fp32.fingerprint()  # a float32 collection is read by the bf16 model
+    latents = bf16.compress(["The Eiffel Tower is named after Gustave Eiffel."])[0]
+    assert latents.dtype == torch.bfloat16 and latents.shape[1] == 576
+    with pytest.raises(ConfigError, match="dtype must be a floating-point"):
+        LatentContextModel.from_pretrained("smollm2-135m-r4", dtype="int8")
+
+
+def test_a_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="'latent-context/0.6b-4b-LCLM-4x' is not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+        LatentContextModel.from_pretrained("latent-context/0.6b-4b-LCLM-4x")

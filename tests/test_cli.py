@@ -17,7 +17,7 @@ def test_demo_runs_offline():
 @pytest.mark.slow
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 3 and "neither a directory nor a packaged checkpoint" in res.stderr
+    assert res.returncode == 3 and "is neither a directory, a packaged checkpoint" in res.stderr
 
 
 @pytest.mark.slow

@@ -72,3 +72,16 @@ def test_errors(model, decoder_parts):
     cfg = LatentConfig(encoder_hidden_size=576, decoder_hidden_size=1024)
     with pytest.raises(ConfigError, match="decoder_hidden_size=1024"):
         LatentDecoder(cfg, model=decoder_parts[0], tokenizer=decoder_parts[1])
+
+
+def test_repetition_penalty_and_top_k_reach_generation(model, passages):
+    question, slots = "Describe the tower in detail.", [passages[0]]
+    plain = model.answer(question, slots, max_new_tokens=24)
+    assert model.answer(question, slots, max_new_tokens=24, repetition_penalty=1.0) == plain  # 1.0 is no penalty
+    words = plain.split()
+    assert len(set(words)) < len(words), plain  # greedy decoding repeats itself here ...
+    penalised = model.answer(question, slots, max_new_tokens=24, repetition_penalty=50.0)
+    assert penalised != plain  # ... and the penalty changes that
+    torch.manual_seed(0)
+    top1 = model.answer(question, slots, max_new_tokens=6, do_sample=True, temperature=5.0, top_k=1)
+    assert top1 == model.answer(question, slots, max_new_tokens=6)  # top_k=1 sampling is greedy
