@@ -179,12 +179,17 @@ class Ingestor:
 
     def __init__(self, store: LatentStore, compressor: LatentCompressor, embedder: Embedder,
                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP, batch_size: int = 32,
-                 shard_number: int | None = None, replication_factor: int | None = None) -> None:
+                 shard_number: int | None = None, replication_factor: int | None = None, latent_dtype: str | None = None) -> None:
+        """``latent_dtype``: how a new collection stores latents ("float16", the default, or "uint8");
+        None for an existing collection keeps its own."""
         self.store, self.compressor, self.embedder = store, compressor, embedder
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
+        if latent_dtype is None:
+            latent_dtype = store.spec.latent_dtype if store.spec is not None else "float16"
         self.spec = CollectionSpec(
             fingerprint=compressor.fingerprint(), ratio=compressor.config.ratio,
             latent_dim=compressor.config.encoder_hidden_size, embedding_model=embedder.name, embedding_dim=embedder.dim,
+            latent_dtype=latent_dtype,
         )
         store.bind(self.spec, shard_number=shard_number, replication_factor=replication_factor)
 

@@ -81,6 +81,30 @@ def test_unreachable_server_fails_clearly_after_bounded_retries(grpc):
     import time
 
     start = time.perf_counter()
-    with pytest.raises(StoreError, match=r"Qdrant at http://127.0.0.1:9 did not answer after 3 attempts"):
+    with pytest.raises(StoreError, match=r"Qdrant at http://127.0.0.1:9 \(REST\) did not answer after 3 attempts"):
         LatentStore.open("c", url="http://127.0.0.1:9", prefer_grpc=grpc, retries=3, retry_wait=0.01, timeout=2)
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_uint8_latents_take_one_byte_a_value_and_come_back_within_half_a_step(kind, tmp_path):
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, latent_dtype="uint8")
+    store = open_test_store(kind, tmp_path)
+    store.bind(spec)
+    passages = _passages(4)
+    originals = [p.latents.clone() for p in passages]
+    store.upsert(passages)
+    assert all(torch.equal(p.latents, o) for p, o in zip(passages, originals))  # the caller's latents are untouched
+    for p, original in zip(store.retrieve([p.id for p in passages]), [dict(zip([q.id for q in passages], originals))[p.id] for p in store.retrieve([q.id for q in passages])]):
+        step = (original.max(1).values - original.min(1).values) / 255
+        assert ((p.latents - original).abs() <= step[:, None] / 2 + 1e-4).all()
+        assert "latent_scale" not in p.payload and "latent_offset" not in p.payload
+    hit = store.search(passages[2].dense, top_k=1)[0]
+    assert hit.id == passages[2].id and hit.latents.shape == originals[2].shape
+    with pytest.raises(CompressorMismatchError, match="stores latents as uint8, not float16"):
+        store.bind(SPEC)  # one collection never mixes types
+    store.close()
+    with pytest.raises(InputError, match="latent_dtype must be one of"):
+        open_test_store(kind, tmp_path, name="other").bind(dataclasses.replace(SPEC, latent_dtype="int4"))

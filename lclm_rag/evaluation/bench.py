@@ -193,23 +193,25 @@ def run_ingest_benchmark(n: int = 10_000, component_n: int = 1_000, workdir: str
                      "passages_per_s": round(component_n / (time.perf_counter() - t), 1)})
 
     storage = []
-    for backend in ("edge", "qdrant-local"):
-        for ratio, (comp, latents) in latents_by_ratio.items():
-            spec = CollectionSpec(comp.fingerprint(), ratio, comp.config.encoder_hidden_size, embedder.name, embedder.dim)
-            path = work / f"{backend}-r{ratio}"
-            store = LatentStore.open("bench", path=path, backend="edge" if backend == "edge" else "qdrant")
-            store.bind(spec)
-            items = _stored_passages(sub, vectors, latents)
-            t = time.perf_counter()
-            for b in range(0, len(items), 64):
-                store.upsert(items[b : b + 64])
-            seconds = time.perf_counter() - t
-            store.close()
-            size = directory_bytes(path)
-            storage.append({"backend": backend, "ratio": ratio, "passages": component_n, "store_passages_per_s": round(component_n / seconds, 1),
-                            "disk_bytes_per_passage": int(size / component_n), "latent_values_per_passage": round(sum(z.numel() for z in latents) / component_n)})
-            if ratio == 4:
-                rows.append({"stage": f"store ({backend}, 1:4)", "passages": component_n, "passages_per_s": round(component_n / seconds, 1)})
+    for backend, ratio, latent_dtype in [(b, r, d) for b in ("edge", "qdrant-local") for r in latents_by_ratio for d in ("float16", "uint8")]:
+        comp, latents = latents_by_ratio[ratio]
+        spec = CollectionSpec(comp.fingerprint(), ratio, comp.config.encoder_hidden_size, embedder.name, embedder.dim,
+                              latent_dtype=latent_dtype)
+        path = work / f"{backend}-r{ratio}-{latent_dtype}"
+        store = LatentStore.open("bench", path=path, backend="edge" if backend == "edge" else "qdrant")
+        store.bind(spec)
+        items = _stored_passages(sub, vectors, latents)
+        t = time.perf_counter()
+        for b in range(0, len(items), 64):
+            store.upsert(items[b : b + 64])
+        seconds = time.perf_counter() - t
+        store.close()
+        size = directory_bytes(path)
+        storage.append({"backend": backend, "ratio": ratio, "latent_dtype": latent_dtype, "passages": component_n,
+                        "store_passages_per_s": round(component_n / seconds, 1),
+                        "disk_bytes_per_passage": int(size / component_n), "latent_values_per_passage": round(sum(z.numel() for z in latents) / component_n)})
+        if ratio == 4 and latent_dtype == "float16":
+            rows.append({"stage": f"store ({backend}, 1:4)", "passages": component_n, "passages_per_s": round(component_n / seconds, 1)})
 
     docs = work / "docs.jsonl"
     docs.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(passages)))

@@ -29,6 +29,7 @@ from lclm_rag.hub import lclm_home
 from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, directory_bytes, id_for_node, point_id
 from lclm_rag.store.edge import EdgeBackend
 from lclm_rag.store.qdrant import QdrantClientBackend
+from lclm_rag.store.quantize import LATENT_DTYPES, decode, encode
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -65,6 +66,8 @@ class LatentStore:
     # -- compressor binding
     def bind(self, spec: CollectionSpec, shard_number: int | None = None, replication_factor: int | None = None) -> None:
         """Create the collection for ``spec`` or check that it already holds the same compressor's latents."""
+        if spec.latent_dtype not in LATENT_DTYPES:
+            raise InputError(f"latent_dtype must be one of {LATENT_DTYPES}, got {spec.latent_dtype!r}")
         stored = self.backend.read_spec() if self.backend.exists() else None
         if stored is not None:
             spec.check(stored, self.name)
@@ -93,17 +96,17 @@ class LatentStore:
             p.payload.setdefault("ratio", spec.ratio)
             p.payload["text"] = p.text
         if passages:
-            self.backend.upsert(passages)
+            self.backend.upsert([encode(p, spec.latent_dtype) for p in passages])
 
     def search(self, vector: np.ndarray, top_k: int, with_latents: bool = True) -> list[StoredPassage]:
         self.require()
         if top_k <= 0:
             raise InputError(f"top_k must be positive, got {top_k}")
-        return self.backend.search(vector, top_k, with_latents)
+        return [decode(p, self.spec.latent_dtype) for p in self.backend.search(vector, top_k, with_latents)]
 
     def retrieve(self, ids: Sequence[str], with_latents: bool = True) -> list[StoredPassage]:
         self.require()
-        return self.backend.retrieve(ids, with_latents) if ids else []
+        return [decode(p, self.spec.latent_dtype) for p in self.backend.retrieve(ids, with_latents)] if ids else []
 
     def ids_of_doc(self, doc_id: str) -> set[str]:
         return self.backend.ids_of_doc(doc_id) if self.spec else set()

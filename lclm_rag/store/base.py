@@ -32,6 +32,7 @@ class CollectionSpec:
     embedding_model: str
     embedding_dim: int
     schema_version: int = 1
+    latent_dtype: str = "float16"  # how latents are stored: "float16" or "uint8" (store/quantize.py)
 
     def check(self, stored: "CollectionSpec", collection: str) -> None:
         if stored.fingerprint != self.fingerprint or stored.ratio != self.ratio or stored.latent_dim != self.latent_dim:
@@ -39,6 +40,11 @@ class CollectionSpec:
                 f"collection {collection!r} holds latents of compressor {stored.fingerprint} (ratio {stored.ratio}, "
                 f"width {stored.latent_dim}); this compressor is {self.fingerprint} (ratio {self.ratio}, width "
                 f"{self.latent_dim}). Use the collection's compressor, or ingest into a new collection."
+            )
+        if stored.latent_dtype != self.latent_dtype:
+            raise CompressorMismatchError(
+                f"collection {collection!r} stores latents as {stored.latent_dtype}, not {self.latent_dtype}: one collection "
+                "never mixes types (ingest into a new collection for another type)"
             )
         if stored.embedding_model != self.embedding_model or stored.embedding_dim != self.embedding_dim:
             raise CompressorMismatchError(
@@ -55,7 +61,7 @@ class StoredPassage:
     text: str
     payload: dict[str, Any]
     dense: np.ndarray | None = None
-    latents: torch.Tensor | None = None  # (n, latent_dim) float32 (stored as float16)
+    latents: torch.Tensor | None = None  # (n, latent_dim) float32 (stored as the collection's latent_dtype)
     score: float | None = None
 
 

@@ -104,7 +104,7 @@ class EdgeBackend(Backend):
                     size=spec.latent_dim,
                     distance=qe.Distance.Dot,  # Dot keeps stored values as given (Cosine would normalise them)
                     multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
-                    datatype=qe.VectorStorageDatatype.Float16,
+                    datatype=qe.VectorStorageDatatype.Uint8 if spec.latent_dtype == "uint8" else qe.VectorStorageDatatype.Float16,
                     hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000),
                 ),
             })

@@ -54,7 +54,8 @@ class QdrantClientBackend(Backend):
                 vectors_config={
                     DENSE: m.VectorParams(size=spec.embedding_dim, distance=m.Distance.COSINE),
                     LATENT: m.VectorParams(
-                        size=spec.latent_dim, distance=m.Distance.DOT, datatype=m.Datatype.FLOAT16,
+                        size=spec.latent_dim, distance=m.Distance.DOT,
+                        datatype=m.Datatype.UINT8 if spec.latent_dtype == "uint8" else m.Datatype.FLOAT16,
                         multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
                         hnsw_config=m.HnswConfigDiff(m=0),
                     ),
