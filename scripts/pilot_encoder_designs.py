@@ -7,7 +7,7 @@ then measures on the recipe's held-out passages restoration accuracy overall, on
 on capitalised-word tokens (each with its control: another passage's latents); on squad_dev gold
 questions the QA scores with their diagnostics (answers not in the passage, numeric EM,
 capitalised EM) beside the control; and compression passages/s. Results go to
-``runs/pilot/<arm>/pilot.json`` and the table to ``runs/pilot/table.md``::
+``runs/pilot/<arm>/pilot.json`` and the table to ``runs/pilot/table.md`` (run from the repository root)::
 
     .venv/bin/python scripts/pilot_encoder_designs.py                 # all arms in recipes/pilot/
     .venv/bin/python scripts/pilot_encoder_designs.py --arms causal-mean-l2 --questions 200
@@ -31,6 +31,7 @@ from lclm_rag.training import TrainConfig, train
 from lclm_rag.training.examples import chunk_texts, corpus_split
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes" / "pilot"
 ARMS = ["causal-mean-l2", "bidirectional-concat-l2", "bidirectional-mean-l8", "bidirectional-concat-l8"]
 
 
@@ -56,41 +57,51 @@ def compression_speed(model: LatentContextModel, cfg: TrainConfig, passages: int
 
 
 def run_arm(name: str, questions: int, heldout: int, data: Path) -> dict:
-    out_file = ROOT / "runs" / "pilot" / name / "pilot.json"
-    if out_file.exists():
-        return json.loads(out_file.read_text())
-    cfg = TrainConfig.load(ROOT / "recipes" / "pilot" / f"{name}.json")
+    """Train (or resume) one arm, then measure; results are saved after each part, so a stopped
+    run keeps what it measured and a re-run only does what is missing."""
+    cfg = TrainConfig.load(RECIPES / f"{name}.json")
+    out_file = Path(cfg.output_dir) / "pilot.json"
+    result = json.loads(out_file.read_text()) if out_file.exists() else {}
+    if "restoration" in result and (questions == 0 or result.get("questions", {}).get("n") == questions):
+        return result
     final = train(cfg)
-    train_seconds = json.loads((Path(cfg.output_dir) / "checkpoint" / "state.json").read_text())["elapsed"]
     model = LatentContextModel.from_pretrained(final).eval()
-    with torch.no_grad():
-        restoration = heldout_restoration(model, cfg, heldout)
+    if "restoration" not in result:
+        with torch.no_grad():
+            result = {"arm": name, "model": {k: cfg.model.get(k) for k in ("encoder_attention", "pooling", "encoder_layers", "ratio")},
+                      "fingerprint": model.fingerprint(),
+                      "train_seconds": round(json.loads((Path(cfg.output_dir) / "checkpoint" / "state.json").read_text())["elapsed"], 1),
+                      "restoration": heldout_restoration(model, cfg, heldout), "compress_passages_per_s": round(compression_speed(model, cfg), 2)}
+        out_file.write_text(json.dumps(result, indent=2))
+    if questions:
         records = sample_records(data, questions, seed=0)
-        qa = {}
-        for mode in ("latent", "latent-control"):
-            scores, preds = evaluate_gold_passage(model, records, mode)
-            qa[mode] = scores.as_dict() | {"predictions": preds}
-        speed = compression_speed(model, cfg)
-    result = {"arm": name, "model": {k: cfg.model.get(k) for k in ("encoder_attention", "pooling", "encoder_layers", "ratio")},
-              "fingerprint": model.fingerprint(), "train_seconds": round(train_seconds, 1),
-              "restoration": restoration, "qa": qa, "compress_passages_per_s": round(speed, 2),
-              "questions": {"data": str(data), "n": len(records), "seed": 0}}
-    out_file.write_text(json.dumps(result, indent=2))
+        with torch.no_grad():
+            result["qa"] = {}
+            for mode in ("latent", "latent-control"):
+                scores, preds = evaluate_gold_passage(model, records, mode)
+                result["qa"][mode] = scores.as_dict() | {"predictions": preds}
+        result["questions"] = {"data": str(data), "n": len(records), "seed": 0}
+        out_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _pct(row: dict | None, key: str) -> str:
+    return "n/a" if not row or row.get(key) is None else f"{row[key]:.1%}"
 
 
 def table(results: list[dict]) -> str:
     rows = []
     for r in results:
-        own, ctl, lat, lctl = r["restoration"]["own"], r["restoration"]["control"], r["qa"]["latent"], r["qa"]["latent-control"]
+        own, ctl = r["restoration"]["own"], r["restoration"]["control"]
+        lat, lctl = r.get("qa", {}).get("latent"), r.get("qa", {}).get("latent-control")
         rows.append({
             "arm": r["arm"], "restore": f"{own['all']:.3f} ({ctl['all']:.3f})",
             "restore digits": f"{own['digit']:.3f} ({ctl['digit']:.3f})",
             "restore capitalised": f"{own['capitalised']:.3f} ({ctl['capitalised']:.3f})",
-            "contained": f"{lat['answer_contained']:.1%} ({lctl['answer_contained']:.1%})",
-            "EM": f"{lat['exact_match']:.1%}", "F1": f"{lat['f1']:.3f} ({lctl['f1']:.3f})",
-            "not in passage": f"{lat['not_in_passage']:.1%}", "numeric EM": f"{lat['numeric_em']:.1%}",
-            "capitalised EM": f"{lat['capitalised_em']:.1%}", "words": f"{lat['mean_answer_words']:.1f}",
+            "contained": f"{_pct(lat, 'answer_contained')} ({_pct(lctl, 'answer_contained')})", "EM": _pct(lat, "exact_match"),
+            "F1": "n/a" if not lat else f"{lat['f1']:.3f} ({lctl['f1']:.3f})", "not in passage": _pct(lat, "not_in_passage"),
+            "numeric EM": _pct(lat, "numeric_em"), "capitalised EM": _pct(lat, "capitalised_em"),
+            "words": "n/a" if not lat else f"{lat['mean_answer_words']:.1f}",
             "passages/s": r["compress_passages_per_s"], "train s": r["train_seconds"],
         })
     return markdown_table(rows)
@@ -99,7 +110,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS)
-    parser.add_argument("--questions", type=int, default=200, help="squad_dev gold questions per arm (seed 0)")
+    parser.add_argument("--questions", type=int, default=200, help="squad_dev gold questions per arm (seed 0; 0: restoration only)")
     parser.add_argument("--heldout", type=int, default=128, help="held-out passages for restoration")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "qa" / "squad_dev.jsonl")
     args = parser.parse_args()
@@ -107,7 +118,7 @@ def main() -> None:
     results = []
     for name in args.arms:
         results.append(run_arm(name, args.questions, args.heldout, args.data))
-        (ROOT / "runs" / "pilot" / "table.md").write_text(table(results) + "\n")
+        Path("runs/pilot/table.md").write_text(table(results) + "\n")
         print(table(results), flush=True)
 
 
