@@ -9,7 +9,6 @@ exactly once when run again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chun
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError
-from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, id_for_node, point_id
+from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node, point_id
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +201,7 @@ class Ingestor:
         protected: set[str] = set()  # documents of failed files: never replaced or pruned
         protected_dirs: list[str] = []  # and everything below a directory that could not be read
         unreadable: list[tuple[Path, str]] = []
+        adopt = self.store.count() > 0  # only a collection that holds documents can hold earlier ids
         for path in _iter_files(paths, unreadable):
             report.files += 1
             try:
@@ -213,7 +213,7 @@ class Ingestor:
                 if strict:
                     raise InputError(f"{path}: {exc}") from exc
                 continue
-            docs.extend(self._adopt_stored_ids(path, d) for d in file_docs if in_shard(d.doc_id, shard))
+            docs.extend(self._adopt_stored_ids(path, d) if adopt else d for d in file_docs if in_shard(d.doc_id, shard))
         for directory, reason in unreadable:
             report.failed.append(FailedSource(str(directory), f"unreadable directory: {reason}"))
             protected_dirs.extend((_doc_key(directory) + "/", _legacy_doc_key(directory) + "/"))
@@ -285,7 +285,7 @@ class Ingestor:
                 chunks = chunk_text(doc.text, tok, self.chunk_tokens, self.overlap)
             new = {}
             for c in chunks:
-                digest = hashlib.sha256(c.text.encode()).hexdigest()[:16]
+                digest = content_hash(c.text)
                 pid = id_for_node(doc.node_id) if doc.node_id is not None else point_id(doc.doc_id, c.index, digest)
                 new[pid] = StoredPassage(pid, c.text, {
                     "doc_id": doc.doc_id, "source": doc.source, "chunk_index": c.index, "start_char": c.start_char,

@@ -36,18 +36,23 @@ class LatentCache:
 SHARED_CACHE = LatentCache()
 
 
+def node_text(node) -> str:
+    """A LlamaIndex node's text (or the object itself as text)."""
+    return node.get_content() if hasattr(node, "get_content") else str(node)
+
+
 def fill(cache: LatentCache, nodes, model, store=None, compress_missing: bool = True) -> None:
-    """Put latents in ``cache`` for every node it lacks: the store's by node id (one round trip),
-    else the node's text compressed now (flagged ``computed``) when ``compress_missing``."""
+    """Put latents in ``cache`` for every node (a LlamaIndex ``BaseNode``) it lacks: the store's by
+    node id (one round trip), else the node's text compressed now (flagged ``computed``) when
+    ``compress_missing``."""
     from lclm_rag.store import id_for_node
 
-    missing = [n for n in nodes if cache.get(n.node.node_id) is None]
+    missing = [n for n in nodes if cache.get(n.node_id) is None]
     if missing and store is not None:
-        by_point = {id_for_node(n.node.node_id): n.node.node_id for n in missing}
+        by_point = {id_for_node(n.node_id): n.node_id for n in missing}
         for hit in store.retrieve(list(by_point), with_latents=True):
             cache.put(by_point[hit.id], hit.latents, "stored")
-        missing = [n for n in missing if cache.get(n.node.node_id) is None]
+        missing = [n for n in missing if cache.get(n.node_id) is None]
     if missing and compress_missing:
-        texts = [n.node.get_content() if hasattr(n.node, "get_content") else str(n.node) for n in missing]
-        for n, lat in zip(missing, model.compress(texts)):
-            cache.put(n.node.node_id, lat, "computed")
+        for n, lat in zip(missing, model.compress([node_text(n) for n in missing])):
+            cache.put(n.node_id, lat, "computed")

@@ -113,7 +113,7 @@ class LatentContextPostprocessor(BaseNodePostprocessor):
             warnings.warn("LatentContextPostprocessor: no LatentSynthesizer reads these latents, so the answer will come "
                           "from the text: pass response_synthesizer=LatentSynthesizer(model) to the query engine "
                           "(or use LatentQueryEngine)", UserWarning, stacklevel=3)
-        fill(self._cache, nodes, self._model, self._store, self.compress_missing)
+        fill(self._cache, [n.node for n in nodes], self._model, self._store, self.compress_missing)
         return nodes
 
 
@@ -153,10 +153,6 @@ class LatentQueryEngine(RetrieverQueryEngine):
     @streaming.setter
     def streaming(self, value: bool) -> None:
         self._response_synthesizer._streaming = value
-
-    @property
-    def generate_kwargs(self) -> dict:
-        return self._response_synthesizer.generate_kwargs
 
     @classmethod
     def from_args(cls, retriever: BaseRetriever, model: LatentContextModel | None = None,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lclm_rag.integrations.cache import SHARED_CACHE, LatentCache, fill
+from lclm_rag.integrations.cache import SHARED_CACHE, LatentCache, fill, node_text
 from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.llms.mock import MockLLM
@@ -31,10 +31,6 @@ from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.prompt import latent_positions
 from lclm_rag.store import LatentStore
-
-
-def node_text(node) -> str:
-    return node.get_content() if hasattr(node, "get_content") else str(node)
 
 
 class LatentSynthesizer(BaseSynthesizer):
@@ -75,7 +71,7 @@ class LatentSynthesizer(BaseSynthesizer):
     # ------------------------------------------------------------------ latents for the nodes
     def passages(self, nodes: Sequence[NodeWithScore]) -> list[planning.Passage]:
         """Each node as the decoder will see it: cached, stored or (flagged) computed latents."""
-        fill(self._cache, nodes, self._model, self._store, self.compress_missing)
+        fill(self._cache, [n.node for n in nodes], self._model, self._store, self.compress_missing)
         out = []
         for n in nodes:
             latents, source = self._cache.get(n.node.node_id) or (None, "none")

@@ -16,7 +16,6 @@ points, which is what the pipeline's docstore strategies call.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from pydantic import PrivateAttr
 
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
-from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, id_for_node
+from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node
 
 
 class LatentCompression(TransformComponent):
@@ -53,11 +52,6 @@ class LatentCompression(TransformComponent):
             for node, latents in zip(batch, self._model.compress([n.get_content() for n in batch], batch_size=self.batch_size)):
                 self._cache.put(node.node_id, latents, "computed")
         return nodes
-
-
-class _Hit:  # the shape ``fill`` reads: a node with an id and text
-    def __init__(self, node: BaseNode) -> None:
-        self.node = node
 
 
 class LatentVectorStore(BasePydanticVectorStore):
@@ -97,7 +91,7 @@ class LatentVectorStore(BasePydanticVectorStore):
         if any(n.embedding is None for n in nodes):
             raise InputError("LatentVectorStore needs embedded nodes: put an embedding model in the transformations")
         self._bind(len(nodes[0].embedding))
-        fill(self._cache, [_Hit(n) for n in nodes], self._model)  # nodes LatentCompression did not see
+        fill(self._cache, nodes, self._model)  # nodes LatentCompression did not see
         positions: dict[str, int] = {}
         passages = []
         for node in nodes:
@@ -107,7 +101,7 @@ class LatentVectorStore(BasePydanticVectorStore):
             meta = {k: v for k, v in (node.metadata or {}).items() if isinstance(v, (str, int, float, bool))}
             payload = {**meta, "doc_id": doc_id, "node_id": node.node_id, "source": meta.get("file_path", "llama_index"),
                        "chunk_index": index, "start_char": node.start_char_idx, "end_char": node.end_char_idx,
-                       "content_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
+                       "content_hash": content_hash(text)}
             vector = np.asarray(node.embedding, dtype=np.float32)
             passages.append(StoredPassage(id_for_node(node.node_id), text, payload, vector / max(np.linalg.norm(vector), 1e-12),
                                           self._cache.get(node.node_id)[0]))

@@ -26,7 +26,7 @@ import numpy as np
 
 from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
 from lclm_rag.hub import lclm_home
-from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, directory_bytes, id_for_node, point_id
+from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, content_hash, directory_bytes, id_for_node, point_id
 from lclm_rag.store.edge import EdgeBackend
 from lclm_rag.store.qdrant import QdrantClientBackend
 from lclm_rag.store.quantize import LATENT_DTYPES, decode, encode
@@ -34,7 +34,7 @@ from lclm_rag.store.quantize import LATENT_DTYPES, decode, encode
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 __all__ = ["Backend", "CollectionSpec", "EdgeBackend", "LatentStore", "QdrantClientBackend", "StoredPassage",
-           "directory_bytes", "id_for_node", "point_id"]
+           "content_hash", "directory_bytes", "id_for_node", "point_id"]
 
 
 class LatentStore:

@@ -3,6 +3,7 @@ the abstract backend each engine implements (the same tests run on every one).""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -63,6 +64,11 @@ class StoredPassage:
     dense: np.ndarray | None = None
     latents: torch.Tensor | None = None  # (n, latent_dim) float32 (stored as the collection's latent_dtype)
     score: float | None = None
+
+
+def content_hash(text: str) -> str:
+    """The passage-text hash stored in the payload and folded into point ids (change detection)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def point_id(doc_id: str, chunk_index: int, content_hash: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from lclm_rag.store.base import StoredPassage
@@ -49,6 +48,3 @@ def decode(passage: StoredPassage, latent_dtype: str) -> StoredPassage:
         passage.latents = dequantize(passage.latents, scale, offset)
     return passage
 
-
-def bytes_per_value(latent_dtype: str) -> int:
-    return int(np.dtype(latent_dtype).itemsize)
