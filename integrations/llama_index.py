@@ -125,7 +125,7 @@ class LatentQueryEngine(RetrieverQueryEngine):
     """
 
     def __init__(self, retriever: BaseRetriever, model: LatentContextModel, node_postprocessors: Sequence[BaseNodePostprocessor] = (),
-                 streaming: bool = False, expand: int = 0, expand_policy: str = "score", token_budget: int | None = None,
+                 streaming: bool = False, expand: int | str = 0, expand_policy: str = "score", token_budget: int | None = None,
                  max_new_tokens: int = 64, callback_manager: CallbackManager | None = None, **generate_kwargs: Any) -> None:
         cache = getattr(retriever, "cache", None) or LatentCache()
         postprocessors = list(node_postprocessors)
@@ -166,9 +166,11 @@ class LatentQueryEngine(RetrieverQueryEngine):
 
     @classmethod
     def from_collection(cls, collection: str, *, path: str | None = None, url: str | None = None, api_key: str | None = None,
-                        model: LatentContextModel | str | None = None, similarity_top_k: int = 5, **kwargs: Any) -> "LatentQueryEngine":
-        """One line from an existing collection (embedded by name or path, or a Qdrant URL) to answers."""
-        store = LatentStore.open(collection, path=path, url=url, api_key=api_key)
+                        backend: str = "auto", model: LatentContextModel | str | None = None, similarity_top_k: int = 5,
+                        **kwargs: Any) -> "LatentQueryEngine":
+        """One line from an existing collection (embedded by name or path, qdrant-client local mode
+        with ``backend="qdrant"``, or a Qdrant URL) to answers."""
+        store = LatentStore.open(collection, path=path, url=url, api_key=api_key, backend=backend)
         if not isinstance(model, LatentContextModel):
             model = load_model(model)
         store.require(model.fingerprint())

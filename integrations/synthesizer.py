@@ -34,13 +34,22 @@ from lclm_rag.store import LatentStore
 
 
 class LatentSynthesizer(BaseSynthesizer):
-    """Answer from the retrieved nodes as latents, ``expand`` of them as raw text."""
+    """Answer from the retrieved nodes as latents, ``expand`` of them as raw text.
+
+    ``expand="auto"``: answer from latents, and only if that answer's confidence is below
+    ``auto_threshold`` expand the ``auto_expand`` best passages (under ``expand_policy``) and
+    answer again; ``metadata["auto"]`` says what was decided and why.
+    """
 
     def __init__(self, model: LatentContextModel, *, cache: LatentCache | None = None, store: LatentStore | None = None,
-                 expand: int = 0, expand_policy: str = "score", token_budget: int | None = None, max_new_tokens: int = 64,
+                 expand: int | str = 0, expand_policy: str = "score", token_budget: int | None = None, max_new_tokens: int = 64,
+                 auto_threshold: float | None = 0.5, auto_expand: int = 1,
                  compress_missing: bool = True, streaming: bool = False, callback_manager=None, **generate_kwargs: Any) -> None:
         if expand_policy not in planning.POLICIES:
             raise InputError(f"expand_policy must be one of {planning.POLICIES}, got {expand_policy!r}")
+        if expand != "auto" and (isinstance(expand, bool) or not isinstance(expand, int) or expand < 0):
+            raise InputError(f"expand must be a number of passages (>= 0) or 'auto', got {expand!r}")
+        self.auto_threshold, self.auto_expand = auto_threshold, auto_expand
         # the base class wants an LLM for prompt sizing; this synthesizer never calls one
         super().__init__(llm=MockLLM(), callback_manager=callback_manager, streaming=streaming)
         if store is not None:
@@ -81,12 +90,22 @@ class LatentSynthesizer(BaseSynthesizer):
 
     def plan(self, question: str, nodes: Sequence[NodeWithScore]):
         """(kept nodes, prompt segments, metadata): what goes in as latents, as text, or not at all."""
+        return self._plan(question, nodes)[:3]
+
+    def _plan(self, question: str, nodes: Sequence[NodeWithScore]):
         if not question.strip():
             raise InputError("the question is empty")
         start = time.perf_counter()
         passages = self.passages(nodes)
-        plan = planning.plan_prompt(self._model, question, passages, self.expand, self.expand_policy, self.token_budget)
-        segments = planning.build_segments(self._model, question, passages, plan)
+        decision = None
+        if self.expand == "auto":
+            decision = planning.decide_expansion(self._model, question, passages, threshold=self.auto_threshold,
+                                                 expand=self.auto_expand, policy=self.expand_policy, token_budget=self.token_budget,
+                                                 max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+            plan, segments = decision.plan, decision.segments
+        else:
+            plan = planning.plan_prompt(self._model, question, passages, self.expand, self.expand_policy, self.token_budget)
+            segments = planning.build_segments(self._model, question, passages, plan)
         metadata = {
             "passages": [
                 {"node_id": p.id, "score": p.score, "mode": "dropped" if i in plan.dropped else "text" if i in plan.expanded else "latent",
@@ -98,7 +117,10 @@ class LatentSynthesizer(BaseSynthesizer):
             "compressor_fingerprint": self._model.fingerprint(),
             "timings": {"prepare_s": time.perf_counter() - start},
         }
-        return [nodes[i] for i in plan.order], segments, metadata
+        if decision is not None:
+            metadata["auto"] = {"expanded": decision.expanded, "reason": decision.reason or "confident from latents",
+                                "confidence": decision.confidence, "threshold": self.auto_threshold, "policy": self.expand_policy}
+        return [nodes[i] for i in plan.order], segments, metadata, decision
 
     # ------------------------------------------------------------------ LlamaIndex entry points
     def synthesize(self, query, nodes: list[NodeWithScore], additional_source_nodes: Sequence[NodeWithScore] | None = None,
@@ -107,9 +129,13 @@ class LatentSynthesizer(BaseSynthesizer):
         if not nodes:
             raise InputError("no nodes to answer from: the latent synthesizer never answers without context")
         with self._callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query.query_str}) as event:
-            kept, segments, metadata = self.plan(query.query_str, nodes)
+            kept, segments, metadata, decided = self._plan(query.query_str, nodes)
             sources = list(kept) + list(additional_source_nodes or [])
-            if self._streaming:
+            if decided is not None and not decided.expanded:  # the all-latent answer already is the answer
+                text = decided.latent_answer
+                response = (StreamingResponse(response_gen=iter([text]), source_nodes=sources, metadata=metadata) if self._streaming
+                            else Response(text, source_nodes=sources, metadata=metadata))
+            elif self._streaming:
                 gen = planning.stream(self._model, segments, self.max_new_tokens, **self.generate_kwargs)
                 response = StreamingResponse(response_gen=gen, source_nodes=sources, metadata=metadata)
             else:

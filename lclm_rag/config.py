@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 POOLING_MODES = ("mean", "memory", "concat")
 ATTENTION_MODES = ("causal", "bidirectional")
 BOUNDARY_MODES = ("learned", "tokens")
+PROMPT_TEMPLATES = ("lclm-rag", "lclm")  # named QA prompt forms (lclm_rag.prompt.qa_message)
 
 
 @dataclass
@@ -54,6 +55,10 @@ class LatentConfig:
     boundary_tokens: tuple[str, str] = ("<|memory_start|>", "<|memory_end|>")
     decoder_lora: dict[str, Any] | None = None  # peft LoraConfig kwargs if the decoder is adapted
     qa_instruction: str = "Answer the question using the context. Reply with a short answer only."
+    prompt_template: str = "lclm-rag"  # the QA user turn: "lclm-rag" (instruction, "Context:" with [i] per
+    #   passage, "Question:"), "lclm" (LCLM's documented form: the passages between their memory
+    #   boundaries, then the question), or your own text with {context} and {question} fields
+    system_message: str | None = None  # a system turn before the user turn (None: the chat template's default)
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -79,6 +84,11 @@ class LatentConfig:
         # windows hold whole groups of `ratio` tokens: round down (512 -> 510 for ratio 3)
         self.encoder_window -= self.encoder_window % self.ratio
         self.boundary_tokens = tuple(self.boundary_tokens)
+        if self.prompt_template not in PROMPT_TEMPLATES and not (
+            "{context}" in self.prompt_template and "{question}" in self.prompt_template
+        ):
+            raise ConfigError(f"prompt_template must be one of {PROMPT_TEMPLATES} or a text with {{context}} and {{question}} "
+                              f"fields, got {self.prompt_template!r}")
 
     @property
     def max_memory_tokens(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from lclm_rag.compressor import tensor_digest
 from lclm_rag.config import LatentConfig
+from lclm_rag.engine import DecodeEngine, GenerationSettings, HFEngine, make_engine
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.hub import keep_reference, resolve_model
 from lclm_rag.projector import Projector
@@ -56,9 +56,8 @@ class LatentDecoder(nn.Module):
         encoder_hidden = config.encoder_hidden_size or _hidden_size(config.encoder)
         self.config = config = dataclasses.replace(config, decoder_hidden_size=hidden, encoder_hidden_size=encoder_hidden)
         self.projector = Projector(config.encoder_hidden_size, hidden, config.projector_hidden_size, config.projector_eps)
+        self.reset_projector()
         embed = self.model.get_input_embeddings().weight.detach()
-        with torch.no_grad():  # start the projector's output at the scale of real token embeddings
-            self.projector.fc2.weight.mul_(embed.std() / (self.projector.fc2.weight.std() * (hidden**0.5) + 1e-12))
         if config.boundary == "learned":
             init = embed.mean(0, keepdim=True).repeat(2, 1) + 0.02 * embed.std() * torch.randn(2, hidden)
             self.boundary = nn.Parameter(init)
@@ -77,6 +76,16 @@ class LatentDecoder(nn.Module):
             self.model = add_lora(self.model, config.decoder_lora)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.engine: DecodeEngine = HFEngine(self)
+        self.base_active = False  # set inside ``base()``
+
+    @torch.no_grad()
+    def reset_projector(self) -> None:
+        """A fresh, uncalibrated projector whose output starts at the scale of real token embeddings."""
+        self.projector.reset_parameters()
+        embed = self.model.get_input_embeddings().weight.detach()
+        fc2 = self.projector.fc2.weight
+        fc2.mul_(embed.std() / (fc2.std() * (self.projector.out_features**0.5) + 1e-12))
 
     # ------------------------------------------------------------------ prompt building
     @property
@@ -88,9 +97,19 @@ class LatentDecoder(nn.Module):
         """How many prompt + answer positions the decoder LM reads (its context), if it says."""
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def base(self) -> contextlib.AbstractContextManager:
-        """Within this context the decoder runs without its LoRA adapters: the base LM users start from."""
-        return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def base(self) -> Iterator[None]:
+        """Within this context the decoder runs without its LoRA adapters: the base LM users start from.
+
+        Engines that serve a merged copy read ``base_active`` and decode on the base model instead.
+        """
+        adapters = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        with adapters:
+            self.base_active = True
+            try:
+                yield
+            finally:
+                self.base_active = False
 
     def text_ids(self, text: str) -> list[int]:
         """Decoder token ids of ``text`` (no special tokens added)."""
@@ -98,31 +117,41 @@ class LatentDecoder(nn.Module):
 
     def qa_user_message(self, question: str, num_slots: int) -> str:
         """The user turn for a question over ``num_slots`` passages, with this model's instruction."""
-        return qa_message(self.config.qa_instruction, question, num_slots)
+        return qa_message(self.config.qa_instruction, question, num_slots, self.config.prompt_template)
 
     def segments(self, user_message: str, slots: Sequence[Slot]) -> list[Segment]:
-        """Render the chat template (with the generation prompt) and cut it at the slot sentinels."""
+        """Render the chat template (with the generation prompt) and cut it at the latent slots.
+
+        Expanded passages (text slots) are put into the text first and tokenized with what
+        surrounds them, as the decoder would tokenize the whole prompt written out.
+        """
         messages = [{"role": "user", "content": user_message}]
+        if self.config.system_message is not None:
+            messages.insert(0, {"role": "system", "content": self.config.system_message})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         out: list[Segment] = []
-        pos = 0
+        pending, pos = [], 0
         for match in SENTINEL_RE.finditer(text):
-            out.append(Segment(token_ids=self.text_ids(text[pos : match.start()])))
-            slot = slots[int(match.group(1))]
+            pending.append(text[pos : match.start()])
+            pos = match.end()
+            index = int(match.group(1))
+            slot = slots[index]
             if isinstance(slot, str):
                 if not slot.strip():
-                    raise InputError(f"passage {int(match.group(1))} is empty")
-                out.append(Segment(token_ids=self.text_ids(slot)))
+                    raise InputError(f"passage {index} is empty")
+                pending.append(slot)
             elif isinstance(slot, torch.Tensor):
                 if slot.ndim != 2 or slot.shape[0] == 0:
-                    raise InputError(f"passage {int(match.group(1))} latents must be (n>0, width), got {tuple(slot.shape)}")
+                    raise InputError(f"passage {index} latents must be (n>0, width), got {tuple(slot.shape)}")
                 if not torch.isfinite(slot).all():
-                    raise InputError(f"passage {int(match.group(1))} latents are not finite (NaN or inf): re-ingest the passage")
+                    raise InputError(f"passage {index} latents are not finite (NaN or inf): re-ingest the passage")
+                out.append(Segment(token_ids=self.text_ids("".join(pending))))
                 out.append(Segment(latents=slot))
+                pending = []
             else:
-                raise InputError(f"passage {int(match.group(1))} is {type(slot).__name__}: give latents (a tensor) or text")
-            pos = match.end()
-        out.append(Segment(token_ids=self.text_ids(text[pos:])))
+                raise InputError(f"passage {index} is {type(slot).__name__}: give latents (a tensor) or text")
+        pending.append(text[pos:])
+        out.append(Segment(token_ids=self.text_ids("".join(pending))))
         return [s for s in out if s.token_ids is None or s.token_ids]
 
     def qa_segments(self, question: str, slots: Sequence[Slot]) -> list[Segment]:
@@ -159,70 +188,62 @@ class LatentDecoder(nn.Module):
         return embeds, mask
 
     # ------------------------------------------------------------------ generation
-    def _generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                         top_k: int | None = None, repetition_penalty: float | None = None) -> dict:
-        kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            use_cache=True,
-            repetition_penalty=repetition_penalty,  # None: the model's own setting (LCLM's HF path uses 1.1)
-        )
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:  # silence "temperature is set but do_sample=False" from a model's generation_config
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+    def use_engine(self, engine: "str | DecodeEngine" = "hf", **engine_kwargs) -> "DecodeEngine":
+        """Decode with ``hf`` (transformers, this process), ``vllm`` (in process) or, given
+        ``url=``, a vLLM server; see `lclm_rag.engine`. Prompt building is the same for all."""
+        self.engine = make_engine(self, engine, **engine_kwargs)
+        return self.engine
 
     @torch.no_grad()
-    def generate_from_segments(
-        self,
-        prompts: Sequence[Sequence[Segment]],
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        streamer=None,
-        min_new_tokens: int = 0,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-    ) -> list[str]:
-        """Decode a batch of prompts; returns only the new text of each.
+    def generate_from_segments(self, prompts: Sequence[Sequence[Segment]], **settings) -> list[str]:
+        """Decode a batch of prompts on this decoder's engine; returns only the new text of each.
 
-        Sampling settings apply with ``do_sample``; ``repetition_penalty`` applies to greedy
-        decoding too. ``min_new_tokens`` suppresses EOS until then (benchmarks time a fixed answer length).
+        ``settings`` are `GenerationSettings` fields: sampling ones apply with ``do_sample``;
+        ``repetition_penalty`` applies to greedy decoding too.
         """
-        embeds, mask = self.pad_batch([self.embed(p) for p in prompts])
-        out = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            streamer=streamer,
-            min_new_tokens=min_new_tokens,
-            **self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty),
-        )
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.engine.generate([self.embed(p) for p in prompts], GenerationSettings(**settings))
 
-    def stream_from_segments(self, segments: Sequence[Segment], **kwargs) -> Iterator[str]:
-        """Yield text pieces as they are generated (TextIteratorStreamer in a worker thread)."""
-        from transformers import TextIteratorStreamer
+    def stream_from_segments(self, segments: Sequence[Segment], **settings) -> Iterator[str]:
+        """Yield text pieces as they are decoded."""
+        with torch.no_grad():
+            prompt = self.embed(segments)
+        return self.engine.stream(prompt, GenerationSettings(**settings))
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
+    @torch.no_grad()
+    def latent_attention(self, segments: Sequence[Segment]) -> list[float]:
+        """The skim: one prefill, and the attention mass the last prompt position (where the answer
+        starts) puts on each latent passage's span, averaged over layers and heads.
 
-        def run() -> None:
-            try:
-                self.generate_from_segments([segments], streamer=streamer, **kwargs)
-            except BaseException as exc:  # surface worker errors in the caller
-                errors.append(exc)
-                streamer.end()
+        Runs the decoder with eager attention for this call (fused kernels do not return weights).
+        """
+        spans, pos = [], 0
+        for seg in segments:
+            if seg.latents is not None:
+                spans.append((pos, pos + seg.positions))
+            pos += seg.positions
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        previous = base.config._attn_implementation
+        base.set_attn_implementation("eager")
+        try:
+            out = self.model(inputs_embeds=self.embed(segments)[None], output_attentions=True, use_cache=False)
+        finally:
+            base.set_attn_implementation(previous)
+        mass = torch.stack([a[0, :, -1, :] for a in out.attentions]).float().mean((0, 1))
+        return [float(mass[a:b].sum()) for a, b in spans]
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        yield from streamer
-        worker.join()
-        if errors:
-            raise errors[0]
+    @torch.no_grad()
+    def answer_confidence(self, segments: Sequence[Segment], answer: str) -> float:
+        """exp(mean log-probability) of ``answer`` (+ EOS) after the prompt: 1.0 for a certain answer.
+
+        Teacher-forced in one forward, so it scores an answer from any engine the same way.
+        """
+        target = self.text_ids(answer) + [self.tokenizer.eos_token_id]
+        prompt = self.embed(segments)
+        table = self.model.get_input_embeddings()
+        embeds = torch.cat([prompt, table(torch.tensor(target[:-1], device=prompt.device, dtype=torch.long)).to(prompt.dtype)])
+        logits = self.model(inputs_embeds=embeds[None], use_cache=False).logits[0, prompt.shape[0] - 1 :].float()
+        logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(target, device=logits.device)[:, None])
+        return float(logprobs.mean().exp())
 
     def teacher_forced(self, prompts: Sequence[torch.Tensor], targets: Sequence[str], per_token: bool = False):
         """Teacher forcing of each target text (+ EOS) after its prompt embeddings; loss on the target only.

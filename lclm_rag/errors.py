@@ -27,3 +27,7 @@ class CompressorMismatchError(LclmRagError):
 
 class StoreError(LclmRagError):
     """The vector store refused an operation or could not be reached."""
+
+
+class EngineError(LclmRagError):
+    """A decode engine is not installed, not reachable, or refused a request."""

@@ -41,13 +41,14 @@ class LatentContextModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, **overrides: Any) -> "LatentContextModel":
+                        dtype: torch.dtype | str | None = None, engine: str = "hf", **overrides: Any) -> "LatentContextModel":
         """Load a checkpoint: a packaged name, a local directory (ours or LCLM's layout) or a hub id.
 
         ``device`` (default CPU) and ``dtype`` (default bfloat16 on CUDA, float32 otherwise) place
         the whole model. The fingerprint is taken from the weights as stored, before any cast, so
         a collection ingested in float32 is read by the same checkpoint in bfloat16 (the query path
-        never re-encodes). ``overrides`` replace config fields before the weights load, e.g.
+        never re-encodes). ``engine`` picks the decode engine (``hf`` | ``vllm``; `use_engine` for
+        a server or engine settings). ``overrides`` replace config fields before the weights load, e.g.
         ``ratio=8`` to start a 1:8 model from a 1:4 one (mean pooling has no ratio-shaped weights).
         """
         directory = resolve_checkpoint(name_or_path)
@@ -66,6 +67,8 @@ class LatentContextModel(nn.Module):
         if dtype != torch.float32 or device is not None:
             model.fingerprint()  # cached from the stored weights
             model.to(device=device, dtype=dtype)
+        if engine != "hf":
+            model.use_engine(engine)
         return model
 
     @property
@@ -89,6 +92,11 @@ class LatentContextModel(nn.Module):
         return self.compressor.fingerprint()
 
     # ------------------------------------------------------------------ use
+    def use_engine(self, engine: str = "hf", **engine_kwargs: Any) -> "LatentContextModel":
+        """Decode on ``hf`` (default), ``vllm`` in process, or a vLLM server (``url=...``); see `lclm_rag.engine`."""
+        self.decoder.use_engine(engine, **engine_kwargs)
+        return self
+
     def compress(self, texts: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
         return self.compressor.compress(texts, batch_size=batch_size)
 

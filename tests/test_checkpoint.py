@@ -66,8 +66,9 @@ def test_projector_width_mismatch_is_named(tmp_path, model):
     from safetensors.torch import save_file
 
     model.save_pretrained(tmp_path / "ckpt")
-    save_file(Projector(576, 1024).state_dict(), str(tmp_path / "ckpt" / "projector.safetensors"))
-    with pytest.raises(ConfigError, match="projector 576 -> 576"):
+    enc, dec = model.config.encoder_hidden_size, model.config.decoder_hidden_size
+    save_file(Projector(enc, 1024).state_dict(), str(tmp_path / "ckpt" / "projector.safetensors"))
+    with pytest.raises(ConfigError, match=f"projector {enc} -> {dec}"):
         model.decoder.load_trained(tmp_path / "ckpt")
 
 
@@ -136,6 +137,25 @@ def test_lclm_checkpoint_latents_and_logits_match_direct_computation(tmp_path, s
     first_token = model.decoder.tokenizer.decode([int(expected_logits[-1].argmax())], skip_special_tokens=True).strip()
     assert model.answer("What is it?", [latents], max_new_tokens=1) == first_token  # greedy decoding reads the same logits
 
+
+def test_the_lclm_prompt_template_gives_lclms_documented_prompt_embeddings(tmp_path, smol_path, passages):
+    enc, dec, dec_tok, adapter = _write_tiny_lclm(tmp_path, smol_path)
+    model = LatentContextModel.from_pretrained(tmp_path, prompt_template="lclm")
+    latents = model.compress(passages[:2])
+    question = "Where is the tower?"
+    ours = model.decoder.embed(model.decoder.qa_segments(question, latents))
+    # LCLM's README: the text to compress between <|memory_start|> and <|memory_end|> in the prompt;
+    # its processor swaps each text for N <|memory|> placeholders that the adapter output overwrites
+    content = "".join("<|memory_start|>" + "<|memory|>" * z.shape[0] + "<|memory_end|>" for z in latents) + "\n" + question
+    rendered = dec_tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor(dec_tok(rendered, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        x = F.rms_norm(torch.cat(latents), (64,), adapter["norm.weight"], eps=1e-6)
+        projected = F.linear(F.gelu(F.linear(x, adapter["fc1.weight"], adapter["fc1.bias"])), adapter["fc2.weight"], adapter["fc2.bias"])
+        expected = dec.get_input_embeddings()(ids).clone()
+        expected[ids == dec_tok.convert_tokens_to_ids("<|memory|>")] = projected
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 def test_lclm_checkpoint_errors(tmp_path, smol_path):
     _write_tiny_lclm(tmp_path, smol_path)

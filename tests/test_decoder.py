@@ -3,6 +3,7 @@ import torch
 
 from lclm_rag.config import LatentConfig
 from lclm_rag.decoder import LatentDecoder
+from lclm_rag.engine import GenerationSettings
 from lclm_rag.errors import ConfigError, InputError
 
 
@@ -16,10 +17,11 @@ def test_text_slots_generate_exactly_like_input_ids(model, passages):
         tokenize=False, add_generation_prompt=True,
     )
     assert dec.tokenizer.decode(ids) == whole
+    assert ids == dec.text_ids(whole)  # expanded passages are tokenized inline, with what surrounds them
     with torch.no_grad():
         ref = dec.model.generate(
             input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            **dec._generate_kwargs(24, False, 0.7, 0.9),
+            **dec.engine._kwargs(GenerationSettings(max_new_tokens=24)),
         )[0, len(ids):]
     expected = dec.tokenizer.decode(ref, skip_special_tokens=True).strip()
     assert dec.generate_from_segments([segments], max_new_tokens=24) == [expected]
@@ -60,21 +62,24 @@ def test_sampling_is_seeded_and_bounded(model, passages):
 def test_errors(model, decoder_parts):
     with pytest.raises(InputError, match="question is empty"):
         model.answer("  ", [])
-    with pytest.raises(ConfigError, match="width 100 but the projector expects 576"):
+    width = model.config.encoder_hidden_size
+    with pytest.raises(ConfigError, match=f"width 100 but the projector expects {width}"):
         model.answer("q?", [torch.zeros(3, 100)])
     with pytest.raises(InputError, match="give latents"):
         model.answer("q?", [42])
     with pytest.raises(InputError, match="not finite"):
-        model.answer("q?", [torch.full((3, 576), float("nan"))])
-    cfg = LatentConfig(boundary="tokens", encoder_hidden_size=576)
+        model.answer("q?", [torch.full((3, width), float("nan"))])
+    cfg = LatentConfig(boundary="tokens", encoder_hidden_size=width)
     with pytest.raises(ConfigError, match="not in the decoder tokenizer"):
         LatentDecoder(cfg, model=decoder_parts[0], tokenizer=decoder_parts[1])
-    cfg = LatentConfig(encoder_hidden_size=576, decoder_hidden_size=1024)
+    cfg = LatentConfig(encoder_hidden_size=width, decoder_hidden_size=1024)
     with pytest.raises(ConfigError, match="decoder_hidden_size=1024"):
         LatentDecoder(cfg, model=decoder_parts[0], tokenizer=decoder_parts[1])
 
 
-def test_repetition_penalty_and_top_k_reach_generation(model, passages):
+@pytest.mark.slow
+def test_repetition_penalty_and_top_k_reach_generation(packaged_model, passages):
+    model = packaged_model  # a trained decoder, which repeats itself greedily on this prompt
     question, slots = "Describe the tower in detail.", [passages[0]]
     plain = model.answer(question, slots, max_new_tokens=24)
     assert model.answer(question, slots, max_new_tokens=24, repetition_penalty=1.0) == plain  # 1.0 is no penalty
@@ -85,3 +90,28 @@ def test_repetition_penalty_and_top_k_reach_generation(model, passages):
     torch.manual_seed(0)
     top1 = model.answer(question, slots, max_new_tokens=6, do_sample=True, temperature=5.0, top_k=1)
     assert top1 == model.answer(question, slots, max_new_tokens=6)  # top_k=1 sampling is greedy
+
+
+def test_prompt_templates_and_a_system_turn(model, passages):
+    import dataclasses
+
+    from lclm_rag.prompt import slot_marker
+
+    dec = model.decoder
+    latents = model.compress(passages[:1])[0]
+    assert dec.qa_user_message("Who?", 2).startswith(model.config.qa_instruction)  # ours
+    lclm = dataclasses.replace(model.config, prompt_template="lclm")
+    custom = dataclasses.replace(model.config, prompt_template="Passages:\n{context}\nQ: {question}\nA:", system_message="Be brief.")
+    try:
+        dec.config = lclm
+        assert dec.qa_user_message(" Who? ", 2) == slot_marker(0) + slot_marker(1) + "\nWho?"
+        dec.config = custom
+        assert dec.qa_user_message("Who?", 2) == f"Passages:\n[1] {slot_marker(0)}\n[2] {slot_marker(1)}\nQ: Who?\nA:"
+        segments = dec.qa_segments("Who?", [latents])
+        first = dec.tokenizer.decode(segments[0].token_ids)
+        assert "Be brief." in first and first.index("Be brief.") < first.index("Passages:")
+        assert [s.latents is not None for s in segments] == [False, True, False]
+    finally:
+        dec.config = model.config
+    with pytest.raises(ConfigError, match="prompt_template must be one of"):
+        LatentConfig(prompt_template="Context: {passages}")

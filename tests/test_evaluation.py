@@ -195,3 +195,20 @@ def test_paired_comparison_scores_each_question_against_the_same_question(tmp_pa
         paired_comparison(new, old)
     with pytest.raises(InputError, match="3 predictions for 4 questions"):
         paired_comparison(new, {**old, "predictions": {"text": ["x"] * 3}}, mode="latent", old_mode="text")
+
+
+def test_expansion_recall_counts_the_gold_passage_per_policy(tmp_path, model):
+    from lclm_rag.evaluation.expansion import run_expansion_recall
+
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:300:30]]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_expansion_recall(data, model, limit=6, top_k=3, counts=(1, 3), workdir=tmp_path / "w",
+                                  output=tmp_path / "recall.json", progress=False)
+    assert result["n"] == 6 and [r["policy"] for r in result["scores"]] == ["score", "lexical", "attention"]
+    for row in result["scores"]:  # expanding all k finds the gold passage exactly when it was retrieved
+        assert row["gold_in_top1"] <= row["gold_in_top3"] == pytest.approx(result["gold_retrieved"])
+        assert row["gold_in_top3_when_retrieved"] == (1.0 if result["gold_retrieved"] else 0.0)
+    assert json.loads((tmp_path / "recall.json").read_text())["scores"] == result["scores"]
+    with pytest.raises(InputError, match="counts must lie in"):
+        run_expansion_recall(data, model, top_k=3, counts=(4,), workdir=tmp_path / "w")

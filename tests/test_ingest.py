@@ -41,7 +41,7 @@ def test_ingest_is_idempotent_and_tracks_changes(kind, tmp_path, docs, make_comp
     assert first.files == 4 and first.documents == 4 and not first.failed
     assert first.written == first.passages == store.count() > 4
     hit = store.search(embedder.embed(["Who designed the Eiffel Tower?"])[0], top_k=1)[0]
-    assert hit.payload["doc_id"] == (docs / "eiffel_tower.md").resolve().as_posix() and hit.latents.shape[1] == 576
+    assert hit.payload["doc_id"] == (docs / "eiffel_tower.md").resolve().as_posix() and hit.latents.shape[1] == ingestor.compressor.config.encoder_hidden_size
     assert {"source", "chunk_index", "start_char", "end_char", "num_tokens", "content_hash", "fingerprint", "ratio"} <= hit.payload.keys()
 
     again = ingestor.ingest_paths([docs], progress=False)

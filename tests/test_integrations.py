@@ -63,7 +63,8 @@ def test_expand_changes_what_the_decoder_receives(store, embedder, model):
     assert [p["mode"] for p in b.metadata["passages"]] == ["text", "latent", "latent"]
     latent_positions = a.metadata["passages"][0]["latent_positions"]
     text_positions = len(model.decoder.text_ids(top.node.get_content()))
-    assert b.metadata["prompt_positions"] - a.metadata["prompt_positions"] == text_positions - latent_positions
+    grown = b.metadata["prompt_positions"] - a.metadata["prompt_positions"]
+    assert abs(grown - (text_positions - latent_positions)) <= 2  # inline tokenization may merge a token at the edges
 
 
 def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embedder):
@@ -181,15 +182,9 @@ def test_cli_query(store, model, tmp_path):
     assert "answer:" in res.stdout and "[  text]" in res.stdout and "[latent]" in res.stdout
 
 
-@pytest.fixture(scope="module")
-def packaged_model():
-    from lclm_rag.model import LatentContextModel
-
-    return LatentContextModel.from_pretrained("smollm2-135m-r4")
-
-
 @pytest.mark.slow
-def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_readers_read(tmp_path, packaged_model):
+@pytest.mark.parametrize("backend", ["edge", "qdrant"])  # the embedded engine and qdrant-client's local mode
+def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_readers_read(tmp_path, packaged_model, backend):
     from lclm_rag.integrations.llama_index import LatentCache, LatentCompression, LatentSynthesizer, LatentVectorStore
     from llama_index.core import SimpleDirectoryReader, StorageContext, VectorStoreIndex
     from llama_index.core.ingestion import IngestionPipeline
@@ -206,7 +201,7 @@ def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_
     cache = LatentCache()
 
     # 1. IngestionPipeline -> a collection that LatentQueryEngine (what `lclm-rag query` runs) reads
-    store = LatentStore.open("pipe", path=tmp_path / "pipe")
+    store = LatentStore.open("pipe", path=tmp_path / "pipe", backend=backend)
     pipeline = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), embed_model,
                                                   LatentCompression(model, cache=cache)],
                                  vector_store=LatentVectorStore(store, model, DEFAULT_EMBEDDER, cache=cache),
@@ -216,13 +211,18 @@ def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_
     assert count == len(written) > len(docs) and store.spec.fingerprint == model.fingerprint()
     assert pipeline.run(documents=docs) == [] and store.count() == count  # the docstore skips unchanged documents
     store.close()
-    engine = LatentQueryEngine.from_collection("pipe", path=str(tmp_path / "pipe"), model=model, similarity_top_k=3, max_new_tokens=12)
+    engine = LatentQueryEngine.from_collection("pipe", path=str(tmp_path / "pipe"), backend=backend, model=model, similarity_top_k=3,
+                                               max_new_tokens=12)
     answer = engine.query(QUESTION)
     assert "Eiffel" in answer.response and [p["latent_source"] for p in answer.metadata["passages"]] == ["stored"] * 3
     engine.retriever.store.close()
+    cli = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "query", QUESTION, "--collection", "pipe", "--path", str(tmp_path / "pipe"),
+                          "--backend", backend, "--top-k", "3", "--max-new-tokens", "12"], capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"answer: {answer.response}\n" in cli.stdout  # `lclm-rag query` reads the pipeline's collection the same way
 
     # 2. VectorStoreIndex.from_documents -> the standard RetrieverQueryEngine with the latent synthesizer
-    vector_store = LatentVectorStore(LatentStore.open("index", path=tmp_path / "index"), model, DEFAULT_EMBEDDER, cache=cache)
+    vector_store = LatentVectorStore(LatentStore.open("index", path=tmp_path / "index", backend=backend), model, DEFAULT_EMBEDDER, cache=cache)
     index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=vector_store),
                                             embed_model=embed_model,
                                             transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), LatentCompression(model, cache=cache)])

@@ -1,7 +1,7 @@
 import pytest
 
 from lclm_rag.errors import InputError
-from lclm_rag.planning import Passage, build_segments, lexical_relevance, plan_prompt, rank_for_expansion
+from lclm_rag.planning import Passage, build_segments, decide_expansion, lexical_relevance, plan_prompt, rank_for_expansion
 from lclm_rag.prompt import latent_positions
 
 
@@ -27,10 +27,11 @@ def test_expand_and_token_budget(model, passages):
     segs = build_segments(model, question, ps, one)
     assert one.expanded == {1}
     assert sum(s.latents is not None for s in segs) == 3  # the other three stay latents
-    assert any(s.token_ids == model.decoder.text_ids(passages[1]) for s in segs)  # the expanded one is its text
+    assert any(passages[1] in model.decoder.tokenizer.decode(s.token_ids) for s in segs if s.token_ids)  # expanded: its text
     assert one.prompt_positions == model.prompt_positions(segs) == model.decoder.embed(segs).shape[0]
     text_len = len(model.decoder.text_ids(passages[1]))
-    assert one.prompt_positions - skim.prompt_positions == text_len - latent_positions(ps[1].latents.shape[0])
+    # inline tokenization may merge a token across the passage's edges
+    assert abs(one.prompt_positions - skim.prompt_positions - (text_len - latent_positions(ps[1].latents.shape[0]))) <= 2
 
     roomy = plan_prompt(model, question, ps, token_budget=10_000)
     assert roomy.expanded == {0, 1, 2, 3} and not roomy.dropped
@@ -52,3 +53,46 @@ def test_a_question_longer_than_the_decoder_reads_is_refused(model, passages):
     words = model.decoder.max_positions  # at least one position a word
     with pytest.raises(InputError, match="decoder positions; the decoder reads"):
         plan_prompt(model, "why " * words, ps)
+
+
+def test_attention_ranks_every_latent_passage_by_the_skim(model, passages):
+    ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
+    ps[2].latents = None  # text only: expanded anyway, so ranked first
+    ranking = rank_for_expansion("Who designed the tower?", ps, "attention", model)
+    assert ranking[0] == 2 and sorted(ranking) == [0, 1, 2, 3]
+    segments = model.decoder.qa_segments("Who designed the tower?", [p.latents for p in ps if p.latents is not None])
+    mass = model.decoder.latent_attention(segments)
+    assert len(mass) == 3 and all(0 < m < 1 for m in mass) and sum(mass) < 1
+    with pytest.raises(InputError, match="needs the model"):
+        rank_for_expansion("q", ps, "attention")
+
+
+@pytest.mark.slow
+def test_attention_finds_the_passage_that_holds_the_answer(packaged_model):
+    unrelated = ["Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen in the chloroplasts of leaf cells.",
+                 "The Great Barrier Reef, off the coast of Queensland, is the largest coral reef system in the world.",
+                 "Mount Everest, at 8,849 metres, is Earth's highest mountain above sea level, on the border of Nepal and China."]
+    answer = "The Eiffel Tower in Paris is named after the engineer Gustave Eiffel, whose company designed and built it."
+    for position in range(4):
+        texts = unrelated[:position] + [answer] + unrelated[position:]
+        ps = _passages(packaged_model, texts, [0.5] * 4)
+        assert rank_for_expansion("Who is the Eiffel Tower named after?", ps, "attention", packaged_model)[0] == position
+
+
+def test_auto_expansion_follows_its_threshold(model, passages):
+    ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
+    question = "Who designed the tower?"
+    for off in (None, 0.0):
+        decision = decide_expansion(model, question, ps, threshold=off, max_new_tokens=4)
+        assert not decision.expanded and not decision.plan.expanded and 0 < decision.confidence <= 1
+    always = decide_expansion(model, question, ps, threshold=1.0, expand=2, policy="score", max_new_tokens=4)
+    assert always.expanded and always.plan.expanded == {1, 2} and "threshold 1" in always.reason
+    with pytest.raises(InputError, match="threshold must be in"):
+        decide_expansion(model, question, ps, threshold=1.5)
+
+
+def test_answer_confidence_is_the_mean_token_probability(model, passages):
+    segments = model.decoder.qa_segments("Who designed the tower?", model.compress(passages[:1]))
+    answer = model.decoder.generate_from_segments([segments], max_new_tokens=3)[0]
+    greedy = model.decoder.answer_confidence(segments, answer)
+    assert 0 < greedy <= 1 and model.decoder.answer_confidence(segments, "zebra quantum") < greedy

@@ -158,6 +158,27 @@ def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ra
     assert r8.compress(["one two three four five six seven eight nine"])[0].shape[0] == 2
 
 
+def test_reinit_puts_a_fresh_calibrated_projector_under_a_trained_decoder(tmp_path, tiny_models):
+    final = train(TrainConfig.load(_config(tmp_path, tiny_models, "old", steps=(2, 1))))
+    old = LatentContextModel.from_pretrained(final)
+    cfg = json.loads(_config(tmp_path, tiny_models, "new", steps=(1, 1)).read_text())
+    cfg.update(init_from=str(final), reinit=["projector"], model={"encoder_attention": "bidirectional"})
+    cfg["stages"] = [{"name": "restoration", "steps": 1, "lr": 1e-9, "train": ["boundary"]}]
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps(cfg))
+    new = LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
+    assert new.config.encoder_attention == "bidirectional" and new.decoder.projector.calibrated
+    # the projector and its statistics start afresh on the new encoder's latents; the decoder LoRA is the old one
+    assert not torch.allclose(new.decoder.projector.fc1.weight, old.decoder.projector.fc1.weight)
+    assert not torch.allclose(new.decoder.projector.latent_shift, old.decoder.projector.latent_shift)
+    old_lora = {n: p for n, p in old.decoder.model.named_parameters() if "lora_" in n}
+    new_lora = {n: p for n, p in new.decoder.model.named_parameters() if "lora_" in n}
+    assert old_lora.keys() == new_lora.keys() and all(torch.equal(old_lora[n], new_lora[n]) for n in old_lora)
+    for bad, message in (({"reinit": ["decoder_lora"]}, "cannot start fresh"), ({"init_from": None}, "set init_from")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict({**cfg, **bad})
+
+
 def test_init_from_can_add_an_encoder_lora_that_starts_as_the_identity(tmp_path, tiny_models):
     final = train(TrainConfig.load(_config(tmp_path, tiny_models, "base", steps=(2, 1))))
     base = LatentContextModel.from_pretrained(final)

@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from lclm_rag.data import load_jsonl, sample_records
+from lclm_rag.engine import GenerationSettings
 from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import PeakRSS, machine_info
 from lclm_rag.evaluation.metrics import score_predictions
@@ -28,30 +31,14 @@ RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "llmlingua", "g
 PER_RATIO_MODES = ("latent", "expand", "gold-latent")
 
 
-class FirstTokenTimer:
-    """A ``generate`` streamer that only notes when the first new token arrives."""
-
-    def __init__(self) -> None:
-        self.calls, self.first = 0, None
-
-    def put(self, value) -> None:
-        self.calls += 1  # call 1 is the prompt, call 2 the first generated token
-        if self.calls == 2 and self.first is None:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        if self.first is None:
-            self.first = time.perf_counter()
-
-
 def corpus_documents(records: Sequence[dict]):
     """One document per distinct context; ids are content hashes (stable across runs)."""
     from lclm_rag.ingest import SourceDocument
 
-    return [SourceDocument(_doc_id(c), c, "eval") for c in sorted({r["context"] for r in records})]
+    return [SourceDocument(doc_id_of(c), c, "eval") for c in sorted({r["context"] for r in records})]
 
 
-def _doc_id(context: str) -> str:
+def doc_id_of(context: str) -> str:
     return "ctx-" + hashlib.sha1(context.encode()).hexdigest()[:16]
 
 
@@ -62,7 +49,7 @@ def _check_records(records: Sequence[dict], path) -> None:
             raise InputError(f"{path}: record {i} needs context, question and non-empty answers (missing {missing or ['answers']})")
 
 
-class _Setup:
+class EvalCollection:
     """One checkpoint's collection of the corpus and how to ask it."""
 
     def __init__(self, model, documents, workdir: Path, embed, embedder_name: str, top_k: int, progress: bool) -> None:
@@ -97,14 +84,15 @@ class _Setup:
         return text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages]
 
     def gold_latents(self, record: dict) -> list:
-        ids = self.store.ids_of_doc(_doc_id(record["context"]))
+        ids = self.store.ids_of_doc(doc_id_of(record["context"]))
         return [p.latents for p in sorted(self.store.retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])]
 
 
 def _generate(model, segments, max_new_tokens: int) -> tuple[str, float]:
-    timer = FirstTokenTimer()
-    text = model.decoder.generate_from_segments([segments], max_new_tokens=max_new_tokens, streamer=timer)[0]
-    return text, timer.first
+    """The answer and its time to first token, on the model's decode engine."""
+    with torch.no_grad():
+        prompt = model.decoder.embed(segments)
+    return model.decoder.engine.timed(prompt, GenerationSettings(max_new_tokens=max_new_tokens))
 
 
 def _direct(model, question: str, slots, max_new_tokens: int, start: float | None = None):
@@ -117,7 +105,7 @@ def _direct(model, question: str, slots, max_new_tokens: int, start: float | Non
 Job = tuple[str, Callable[[dict], tuple], Callable, dict]  # label, ask(record), context, what the answers depend on
 
 
-def _jobs(modes: Sequence[str], setups: list[_Setup], top_k: int, expand: int, policy: str, max_new_tokens: int) -> list[Job]:
+def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand: int, policy: str, max_new_tokens: int) -> list[Job]:
     """The (label, ask, context, inputs) of every mode, per ratio where the mode reads latents."""
     main = setups[0]
     base_model = main.model  # its decoder with adapters disabled is "the base decoder"
@@ -173,7 +161,7 @@ def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], Non
             done["total"].append(end - start)
             done["positions"].append(n_positions)
             if docs is not None:
-                done["hits"].append(float(_doc_id(r["context"]) in docs))
+                done["hits"].append(float(doc_id_of(r["context"]) in docs))
             if len(done["preds"]) % save_every == 0:
                 done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
                 save()
@@ -228,7 +216,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     workdir = Path(workdir or temp.name)
     embed = Embedder(embedder or DEFAULT_EMBEDDER)
     documents = corpus_documents(all_records)
-    setups = [_Setup(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
+    setups = [EvalCollection(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
                      embedder or DEFAULT_EMBEDDER, top_k, progress) for c in checkpoints]
     jobs = _jobs(modes, setups, top_k, expand, expand_policy, max_new_tokens)
     result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},

@@ -111,11 +111,14 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
     else:
         if cfg.init_from:
             model = LatentContextModel.from_pretrained(cfg.init_from, **cfg.model)
+            if "projector" in cfg.reinit:
+                model.decoder.reset_projector()
         else:
             model = LatentContextModel.from_config(LatentConfig(**cfg.model))
         state = {"stage": 0, "step": 0, "global_step": 0, "elapsed": 0.0}
     source = ExampleSource(cfg, model)
-    if resume is None and not cfg.init_from and cfg.calibration_passages:  # a trained projector keeps its statistics
+    fresh_projector = not cfg.init_from or "projector" in cfg.reinit  # a trained projector keeps its statistics
+    if resume is None and fresh_projector and cfg.calibration_passages:
         _calibrate(model, source, cfg.calibration_passages, cfg.seed)
     wrapper = TrainingModule(model)
     log_path = out / "log.jsonl"

@@ -14,6 +14,7 @@ STAGES = ("alignment", "restoration", "continuation", "qa")
 PARTS = ("projector", "boundary", "decoder_lora", "encoder_lora", "encoder", "memory", "pooling")
 ENCODER_PARTS = {"encoder_lora", "encoder", "memory", "pooling"}  # parts that shape the latents themselves
 DECODER_PARTS = {"boundary", "decoder_lora"}
+REINIT_PARTS = ("projector",)  # parts ``reinit`` can start fresh under an ``init_from`` checkpoint
 ANSWER_SOURCES = ("gold", "teacher")
 
 
@@ -55,6 +56,8 @@ class TrainConfig:
     stages: list[StageConfig]
     model: dict[str, Any] = field(default_factory=dict)  # LatentConfig fields for a fresh model
     init_from: str | None = None  # or start from this checkpoint (then `model` holds overrides, e.g. {"ratio": 8})
+    reinit: list[str] = field(default_factory=list)  # with init_from: parts that start fresh instead, e.g.
+    # ["projector"] to put a new encoder (deeper, bidirectional) under the checkpoint's trained decoder
     calibration_passages: int = 256  # training passages that set a fresh projector's latent standardisation (0: off)
     corpus: list[Any] = field(default_factory=list)  # {"text"} records for restoration/continuation: JSONL paths or dataset specs (lclm_rag.data)
     qa_data: list[Any] = field(default_factory=list)  # {"context","question","answers"} records for qa: JSONL paths or dataset specs
@@ -81,6 +84,11 @@ class TrainConfig:
         d["stages"] = [StageConfig(**s) for s in d.get("stages", [])]
         if not d["stages"]:
             raise ConfigError("a training config needs at least one stage")
+        for part in d.get("reinit", []):
+            if part not in REINIT_PARTS:
+                raise ConfigError(f"reinit: {part!r} cannot start fresh (known: {', '.join(REINIT_PARTS)})")
+        if d.get("reinit") and not d.get("init_from"):
+            raise ConfigError("reinit starts parts of an init_from checkpoint afresh: set init_from, or drop reinit")
         for key in ("corpus", "qa_data"):  # JSONL paths stay strings; dataset specs become DatasetSpec
             d[key] = [parse_source(s) for s in d.get(key, [])]
         return cls(**d)
