@@ -204,21 +204,26 @@ class VLLMEngine(DecodeEngine):
         kwargs = {"dtype": str(self.dtype).removeprefix("torch."), "enable_prompt_embeds": True, "enforce_eager": on_cpu,
                   "enable_prefix_caching": False, "max_model_len": decoder.max_positions or 2048, **llm_kwargs}
         self.prefix_caching = bool(kwargs["enable_prefix_caching"])
-        self.decoder, self._kwargs = decoder, kwargs
-        self._llms: dict[bool, Any] = {}
+        self.decoder, self._kwargs, self._llm = decoder, kwargs, None
+        self._reference = HFEngine(decoder)
 
     @property
     def llm(self):
-        """The vLLM engine for the current mode: the serving copy, or inside ``decoder.base()`` the base LM."""
-        from vllm import LLM
+        """The vLLM engine on the serving copy, started at first use."""
+        if self._llm is None:
+            from vllm import LLM
 
-        base = bool(getattr(self.decoder, "base_active", False))
-        if base not in self._llms:
-            from lclm_rag.hub import resolve_model
+            self._llm = LLM(model=str(serving_copy(self.decoder)), **self._kwargs)
+        return self._llm
 
-            model = resolve_model(self.decoder.config.decoder) if base else str(serving_copy(self.decoder))
-            self._llms[base] = LLM(model=model, **self._kwargs)
-        return self._llms[base]
+    def _base_mode(self) -> bool:
+        """Inside ``decoder.base()`` the merged copy is the wrong model: decode on transformers instead."""
+        if getattr(self.decoder, "base_active", False):
+            if not getattr(self, "_warned_base", False):
+                logger.warning("the vllm engine serves the adapted decoder; base-decoder prompts decode on transformers")
+                self._warned_base = True
+            return True
+        return False
 
     def _params(self, settings: GenerationSettings, **extra: Any):
         from vllm import SamplingParams
@@ -229,12 +234,18 @@ class VLLMEngine(DecodeEngine):
         return [{"prompt_embeds": p.detach().to("cpu", self.dtype)} for p in prompts]
 
     def generate(self, prompts: Sequence[torch.Tensor], settings: GenerationSettings) -> list[str]:
+        if self._base_mode():
+            return self._reference.generate(prompts, settings)
         outputs = self.llm.generate(self._inputs(prompts), self._params(settings), use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
     def stream(self, prompt: torch.Tensor, settings: GenerationSettings) -> Iterator[str]:
         """Steps the engine and yields each step's new text (``RequestOutputKind.DELTA``)."""
         from vllm.sampling_params import RequestOutputKind
+
+        if self._base_mode():
+            yield from self._reference.stream(prompt, settings)
+            return
 
         engine = self.llm.llm_engine
         request_id = f"lclm-{id(prompt)}-{threading.get_ident()}"

