@@ -56,7 +56,7 @@ class LatentDecoder(nn.Module):
         encoder_hidden = config.encoder_hidden_size or _hidden_size(config.encoder)
         self.config = config = dataclasses.replace(config, decoder_hidden_size=hidden, encoder_hidden_size=encoder_hidden)
         self.projector = Projector(config.encoder_hidden_size, hidden, config.projector_hidden_size, config.projector_eps)
-        self.reset_projector()
+        self._scale_projector_output()
         embed = self.model.get_input_embeddings().weight.detach()
         if config.boundary == "learned":
             init = embed.mean(0, keepdim=True).repeat(2, 1) + 0.02 * embed.std() * torch.randn(2, hidden)
@@ -83,6 +83,11 @@ class LatentDecoder(nn.Module):
     def reset_projector(self) -> None:
         """A fresh, uncalibrated projector whose output starts at the scale of real token embeddings."""
         self.projector.reset_parameters()
+        self._scale_projector_output()
+
+    @torch.no_grad()
+    def _scale_projector_output(self) -> None:
+        """Start the projector's output at the scale of real token embeddings."""
         embed = self.model.get_input_embeddings().weight.detach()
         fc2 = self.projector.fc2.weight
         fc2.mul_(embed.std() / (fc2.std() * (self.projector.out_features**0.5) + 1e-12))

@@ -33,9 +33,10 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, out_features)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
         self.register_buffer("latent_shift", torch.zeros(in_features))  # per-channel mean
         self.register_buffer("latent_scale", torch.ones(in_features))  # per-channel std
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
