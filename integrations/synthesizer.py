@@ -38,12 +38,14 @@ class LatentSynthesizer(BaseSynthesizer):
 
     ``expand="auto"``: answer from latents, and only if that answer's confidence is below
     ``auto_threshold`` expand the ``auto_expand`` best passages (under ``expand_policy``) and
-    answer again; ``metadata["auto"]`` says what was decided and why.
+    answer again; ``metadata["auto"]`` says what was decided and why. ``token_budget`` (decoder
+    positions) and ``latency_budget_s`` (time to first token, at the engine's measured prefill
+    cost) cap how many passages can be expanded.
     """
 
     def __init__(self, model: LatentContextModel, *, cache: LatentCache | None = None, store: LatentStore | None = None,
-                 expand: int | str = 0, expand_policy: str = "score", token_budget: int | None = None, max_new_tokens: int = 64,
-                 auto_threshold: float | None = 0.5, auto_expand: int = 1,
+                 expand: int | str = 0, expand_policy: str = "score", token_budget: int | None = None,
+                 latency_budget_s: float | None = None, max_new_tokens: int = 64, auto_threshold: float | None = 0.5, auto_expand: int = 1,
                  compress_missing: bool = True, streaming: bool = False, callback_manager=None, **generate_kwargs: Any) -> None:
         if expand_policy not in planning.POLICIES:
             raise InputError(f"expand_policy must be one of {planning.POLICIES}, got {expand_policy!r}")
@@ -57,6 +59,9 @@ class LatentSynthesizer(BaseSynthesizer):
         self._model, self._store = model, store
         self.use_cache(cache or SHARED_CACHE)
         self.expand, self.expand_policy, self.token_budget = expand, expand_policy, token_budget
+        if latency_budget_s is not None and latency_budget_s <= 0:
+            raise InputError(f"latency_budget_s must be > 0, got {latency_budget_s}")
+        self.latency_budget_s = latency_budget_s
         self.max_new_tokens, self.compress_missing, self.generate_kwargs = max_new_tokens, compress_missing, generate_kwargs
 
     @property
@@ -101,10 +106,11 @@ class LatentSynthesizer(BaseSynthesizer):
         if self.expand == "auto":
             decision = planning.decide_expansion(self._model, question, passages, threshold=self.auto_threshold,
                                                  expand=self.auto_expand, policy=self.expand_policy, token_budget=self.token_budget,
-                                                 max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+                                                 latency_budget_s=self.latency_budget_s, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
             plan, segments = decision.plan, decision.segments
         else:
-            plan = planning.plan_prompt(self._model, question, passages, self.expand, self.expand_policy, self.token_budget)
+            plan = planning.plan_prompt(self._model, question, passages, self.expand, self.expand_policy, self.token_budget,
+                                        self.latency_budget_s)
             segments = planning.build_segments(self._model, question, passages, plan)
         metadata = {
             "passages": [

@@ -147,6 +147,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend,
         model=load_reader(args.checkpoint, args),
         similarity_top_k=args.top_k, expand=args.expand, token_budget=args.token_budget, auto_threshold=args.auto_threshold,
+        latency_budget_s=args.latency_budget,
         expand_policy=args.policy or ("attention" if args.expand == "auto" else "score"),
         max_new_tokens=args.max_new_tokens, streaming=args.stream,
     )
@@ -180,15 +181,26 @@ def _rounded_table(rows: list[dict]) -> str:
     return markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
 
 
+def _fraction(value: str, flag: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{flag}: {value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise InputError(f"{flag}: {number} is not in [0, 1]")
+    return number
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lclm_rag.evaluation import GOLD_MODES, RAG_MODES, run_gold_eval, run_rag_eval
-    from lclm_rag.evaluation.plots import plot_quality_latency
+    from lclm_rag.evaluation.plots import plot_quality_cost
 
     checkpoints = args.checkpoint or [None]
     modes = args.modes.split(",") if args.modes else list(GOLD_MODES if args.gold else RAG_MODES)
     known = GOLD_MODES if args.gold else RAG_MODES
     if set(modes) - set(known):
         raise InputError(f"unknown modes {sorted(set(modes) - set(known))}; choose from {', '.join(known)}")
+    thresholds = [_fraction(t, "--auto-thresholds") for t in args.auto_thresholds.split(",")]
     if not Path(args.data).is_file():
         raise InputError(f"{args.data}: no such file")
     readers = [load_reader(c, args) for c in checkpoints]
@@ -205,10 +217,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                max_new_tokens=args.max_new_tokens, output=args.output)
     else:
         result = run_rag_eval(args.data, readers, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
-                              expand=args.expand, max_new_tokens=args.max_new_tokens, workdir=args.workdir,
-                              output=args.output, resume=args.resume)
+                              expand=args.expand, expand_policy=args.policy.split(","),
+                              auto_thresholds=thresholds,
+                              max_new_tokens=args.max_new_tokens, workdir=args.workdir, output=args.output, resume=args.resume)
         if args.plot:
-            plot_quality_latency(result, args.plot)
+            plot_quality_cost(result, args.plot, cost={"ttft": "ttft_s", "positions": "prompt_positions"}[args.plot_x])
     table = _rounded_table(result["scores"])
     if args.output:
         machine = result.get("machine") or {}
@@ -322,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-threshold", type=float, default=0.5,
                    help="--expand auto: expand when the latent answer's confidence (mean token probability) is below this")
     p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions")
+    p.add_argument("--latency-budget", type=float, metavar="SECONDS",
+                   help="expand only as many passages as keep the time to first token within this (measured prefill cost)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true")
     add_engine_args(p)
@@ -336,9 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expansion-recall", action="store_true",
                    help="how often each expansion policy (score, lexical, attention) expands the gold passage, top-k retrieval")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand mode")
+    p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand and auto modes")
+    p.add_argument("--policy", default="lexical",
+                   help="comma-separated expansion policies (score, lexical, attention): the expand mode runs once per "
+                        "policy, the auto mode uses the first")
+    p.add_argument("--auto-thresholds", default="0.5",
+                   help="comma-separated confidence thresholds: the auto mode runs once per threshold")
     p.add_argument("--workdir", help="keep the evaluation collections here (re-runs reuse them)")
-    p.add_argument("--plot", help="PNG of quality against time to first token")
+    p.add_argument("--plot", help="PNG of quality against cost, one point per mode")
+    p.add_argument("--plot-x", choices=["ttft", "positions"], default="ttft",
+                   help="the plot's cost axis: time to first token, or decoder prompt positions")
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)

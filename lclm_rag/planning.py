@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,10 +93,59 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
     return sorted(range(len(passages)), key=lambda i: (-keys[i], i))
 
 
+@dataclass(frozen=True)
+class PrefillCost:
+    """Time to first token as ``fixed_s + per_position_s * positions`` on one model's engine."""
+
+    fixed_s: float
+    per_position_s: float
+
+    def positions_within(self, seconds: float) -> int:
+        return max(0, int((seconds - self.fixed_s) / self.per_position_s))
+
+
+_PREFILL_COSTS: dict[int, PrefillCost] = {}
+
+
+def prefill_cost(model: LatentContextModel, short: int = 64, long: int = 512) -> PrefillCost:
+    """Measured once per loaded model: the first token's time after a ``short`` and a ``long`` prompt
+    (best of 2 each), a line through both. Prefill dominates time to first token, and it grows
+    about linearly with the prompt at these lengths, so a latency budget becomes a position budget."""
+    from lclm_rag.engine import GenerationSettings
+
+    key = id(model)
+    if key not in _PREFILL_COSTS:
+        settings = GenerationSettings(max_new_tokens=1)
+
+        def ttft(positions: int) -> float:
+            table = model.decoder.model.get_input_embeddings().weight
+            prompt = table[:1].detach().expand(positions, -1).clone()  # content does not change the cost
+            best = math.inf
+            for _ in range(2):
+                start = time.perf_counter()
+                _, first = model.decoder.engine.timed(prompt, settings)
+                best = min(best, first - start)
+            return best
+
+        if model.decoder.max_positions is not None:
+            long = min(long, model.decoder.max_positions - 1)
+        t_short, t_long = ttft(short), ttft(long)
+        slope = max((t_long - t_short) / (long - short), 1e-7)
+        _PREFILL_COSTS[key] = PrefillCost(max(t_short - slope * short, 0.0), slope)
+    return _PREFILL_COSTS[key]
+
+
 def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Passage], expand: int = 0,
-                policy: str = "score", token_budget: int | None = None) -> Plan:
+                policy: str = "score", token_budget: int | None = None, latency_budget_s: float | None = None) -> Plan:
     """Choose the expanded passages; with ``token_budget`` fit the prompt into that many positions,
-    expanding the best passages first and dropping the lowest-ranked if even latents do not fit."""
+    expanding the best passages first and dropping the lowest-ranked if even latents do not fit.
+    ``latency_budget_s`` (time to first token) becomes a position budget at the engine's measured
+    prefill cost (``prefill_cost``); with both, the tighter one holds."""
+    if latency_budget_s is not None:
+        if latency_budget_s <= 0:
+            raise InputError(f"latency_budget_s must be > 0, got {latency_budget_s}")
+        within = prefill_cost(model).positions_within(latency_budget_s)
+        token_budget = within if token_budget is None else min(token_budget, within)
     if not passages:
         raise InputError("no passages to answer from: the engine never answers without context")
     if expand < 0:
@@ -164,23 +214,25 @@ class AutoDecision:
 
 def decide_expansion(model: LatentContextModel, question: str, passages: Sequence[Passage], *, threshold: float | None,
                      expand: int = 1, policy: str = "attention", token_budget: int | None = None,
-                     max_new_tokens: int = 64, **gen) -> AutoDecision:
+                     latency_budget_s: float | None = None, max_new_tokens: int = 64, answer: Callable[[list], str] | None = None, **gen) -> AutoDecision:
     """Expand only when the decoder is unsure (``expand="auto"``): answer from latents first.
 
     The all-latent answer's confidence (exp of its mean token log-probability) is compared with
     ``threshold``: below it, the ``expand`` best passages under ``policy`` go in as text (the
     caller answers again from the returned segments). ``threshold`` None or 0 never expands; 1.0
     always does. The decision is made before any token of the final answer is produced, so a
-    streamed answer never restarts.
+    streamed answer never restarts. ``answer`` (segments -> text) replaces the default greedy
+    generation of the all-latent answer, e.g. to time it.
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"the auto-expand threshold must be in [0, 1], got {threshold}")
-    skim_plan = plan_prompt(model, question, passages, expand=0, token_budget=token_budget)
+    skim_plan = plan_prompt(model, question, passages, expand=0, token_budget=token_budget, latency_budget_s=latency_budget_s)
     segments = build_segments(model, question, passages, skim_plan)
-    text = generate(model, segments, max_new_tokens=max_new_tokens, **gen)
+    text = answer(segments) if answer else generate(model, segments, max_new_tokens=max_new_tokens, **gen)
     confidence = model.decoder.answer_confidence(segments, text)
     if not threshold or (confidence >= threshold and threshold < 1.0):
         return AutoDecision(skim_plan, segments, confidence, text, "")
-    plan = plan_prompt(model, question, passages, expand=expand, policy=policy, token_budget=token_budget)
+    plan = plan_prompt(model, question, passages, expand=expand, policy=policy, token_budget=token_budget,
+                       latency_budget_s=latency_budget_s)
     segments = build_segments(model, question, passages, plan)
     return AutoDecision(plan, segments, confidence, text, f"confidence {confidence:.3f} < threshold {threshold:g}")

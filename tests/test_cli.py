@@ -27,6 +27,9 @@ def test_eval_rejects_unknown_modes_and_missing_data(tmp_path):
     assert res.returncode == 2 and "unknown modes ['oracle']" in res.stderr
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "no such file" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl"), "--modes", "auto",
+                          "--auto-thresholds", "0.3,high"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --auto-thresholds: 'high' is not a number"]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from lclm_rag.evaluation import (
     run_rag_eval,
     score_predictions,
 )
-from lclm_rag.evaluation.plots import plot_quality_latency
+from lclm_rag.evaluation.plots import plot_quality_cost
 from lclm_rag.evaluation.restoration import token_classes
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -95,23 +95,33 @@ def test_rag_eval_runs_every_mode_on_the_same_questions_and_retrieval(tmp_path, 
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "eval.json"
     result = run_rag_eval(data, [model, model_r8], RAG_MODES, limit=3, seed=1, top_k=2, max_new_tokens=3,
+                          expand_policy=["lexical", "score"], auto_thresholds=[0.0, 1.0],
                           workdir=tmp_path / "work", output=out, progress=False)
     rows = {r["mode"]: r for r in result["scores"]}
+    expand = [f"expand 1 of 2 ({p}) @1:{r}" for r in (4, 8) for p in ("lexical", "score")]
+    auto = [f"auto < {t}: expand 1 (lexical) @1:{r}" for r in (4, 8) for t in (0, 1)]
     assert list(rows) == ["none", "text top-2", "text top-2 (adapted decoder)", "latent 1:4 top-2", "latent 1:8 top-2",
-                          "expand 1 of 2 @1:4", "expand 1 of 2 @1:8", "LongLLMLingua top-2 @1:4 budget", "gold text",
-                          "gold latent 1:4", "gold latent 1:8"]
+                          *expand, *auto, "LongLLMLingua top-2 @1:4 budget", "gold text", "gold latent 1:4", "gold latent 1:8"]
+    assert [rows[m]["passages_expanded"] for m in ("none", "text top-2", "latent 1:4 top-2", expand[0])] == [0, 2, 0, 1]
+    for r in (4, 8):  # threshold 0 never expands (the latent answer), 1.0 always does (the expand answer)
+        never, always = f"auto < 0: expand 1 (lexical) @1:{r}", f"auto < 1: expand 1 (lexical) @1:{r}"
+        assert rows[never]["passages_expanded"] == 0 and rows[always]["passages_expanded"] == 1
+        assert result["predictions"][never] == result["predictions"][f"latent 1:{r} top-2"]
+        assert result["predictions"][always] == result["predictions"][f"expand 1 of 2 (lexical) @1:{r}"]
+        assert rows[always]["prompt_positions"] == rows[f"expand 1 of 2 (lexical) @1:{r}"]["prompt_positions"]
     assert all(r["n"] == 3 and 0 < r["ttft_s"] <= r["total_s"] and r["peak_rss_mb"] > 100 for r in rows.values())
     assert all(len(p) == 3 for p in result["predictions"].values())
     recalls = {r["recall_at_k"] for m, r in rows.items() if m not in ("none", "gold text") and not m.startswith("gold latent")}
     assert len(recalls) == 1 and 0.0 <= recalls.pop() <= 1.0  # one retrieval for every retrieval mode
     text, r4, r8 = rows["text top-2"]["prompt_positions"], rows["latent 1:4 top-2"]["prompt_positions"], rows["latent 1:8 top-2"]["prompt_positions"]
-    assert rows["none"]["prompt_positions"] < r8 < r4 < rows["expand 1 of 2 @1:4"]["prompt_positions"] < text
+    assert rows["none"]["prompt_positions"] < r8 < r4 < rows[expand[0]]["prompt_positions"] < text
     assert rows["LongLLMLingua top-2 @1:4 budget"]["prompt_positions"] < text
     assert rows["gold latent 1:4"]["prompt_positions"] < rows["gold text"]["prompt_positions"]
     assert json.loads(out.read_text())["scores"] == result["scores"]
     assert result["corpus_passages"]["1:4"] == result["corpus_passages"]["1:8"] >= len({r["context"] for r in records})
-    plot_quality_latency(result, tmp_path / "pareto.png")
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    plot_quality_cost(result, tmp_path / "pareto.png")
+    plot_quality_cost(result, tmp_path / "positions.png", cost="prompt_positions")
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "positions.png").stat().st_size > 10_000
     # a re-run reuses the collections in workdir: nothing is ingested again
     again = run_rag_eval(data, [model], ["latent"], limit=3, seed=1, top_k=2, max_new_tokens=3, workdir=tmp_path / "work", progress=False)
     assert "written 0" in again["ingested"]["1:4"]
@@ -168,6 +178,10 @@ def test_rag_eval_errors(tmp_path, model):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["none"], resume=True)
     with pytest.raises(InputError, match="unknown modes"):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["oracle"])
+    with pytest.raises(InputError, match="expand policies must be some of"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["expand"], expand_policy=["bm25"])
+    with pytest.raises(InputError, match=r"auto thresholds must lie in \[0, 1\]"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["auto"], auto_thresholds=[1.5])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "c", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="record 0 needs context, question and non-empty answers"):

@@ -65,6 +65,14 @@ def test_expand_changes_what_the_decoder_receives(store, embedder, model):
     text_positions = len(model.decoder.text_ids(top.node.get_content()))
     grown = b.metadata["prompt_positions"] - a.metadata["prompt_positions"]
     assert abs(grown - (text_positions - latent_positions)) <= 2  # inline tokenization may merge a token at the edges
+    # a latency budget that only the skim fits in keeps every passage latent; a roomy one lets expand=3 expand all
+    from lclm_rag.planning import prefill_cost
+
+    cost = prefill_cost(model)
+    tight = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=3, max_new_tokens=4,
+                                        latency_budget_s=cost.fixed_s + cost.per_position_s * (a.metadata["prompt_positions"] + 5))
+    roomy = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=3, max_new_tokens=4, latency_budget_s=1e6)
+    assert tight.query(QUESTION).metadata["expanded"] == [] and len(roomy.query(QUESTION).metadata["expanded"]) == 3
 
 
 def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embedder):
@@ -142,6 +150,8 @@ def test_errors(store, embedder, model, tmp_path):
     engine = LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model)
     with pytest.raises(InputError, match="question is empty"):
         engine.query("   ")
+    with pytest.raises(InputError, match="latency_budget_s must be > 0"):
+        LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model, latency_budget_s=0)
     everything = LatentRetriever(store, embedder, similarity_top_k=500)  # more than the collection holds: all of it
     assert len(everything.retrieve("Eiffel")) == store.count()
     with pytest.raises(InputError, match="similarity_top_k must be a positive integer"):

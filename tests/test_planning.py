@@ -1,7 +1,15 @@
 import pytest
 
 from lclm_rag.errors import InputError
-from lclm_rag.planning import Passage, build_segments, decide_expansion, lexical_relevance, plan_prompt, rank_for_expansion
+from lclm_rag.planning import (
+    Passage,
+    build_segments,
+    decide_expansion,
+    lexical_relevance,
+    plan_prompt,
+    prefill_cost,
+    rank_for_expansion,
+)
 from lclm_rag.prompt import latent_positions
 
 
@@ -46,6 +54,24 @@ def test_expand_and_token_budget(model, passages):
         plan_prompt(model, question, ps, token_budget=10)
     with pytest.raises(InputError, match="never answers without context"):
         plan_prompt(model, question, [])
+
+
+def test_latency_budget_is_a_position_budget_at_the_measured_prefill_cost(model, passages):
+    cost = prefill_cost(model)
+    assert cost.per_position_s > 0 and cost.fixed_s >= 0 and prefill_cost(model) is cost  # measured once per model
+    ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
+    question = "What is the capital of France?"
+    skim = plan_prompt(model, question, ps)
+    build_segments(model, question, ps, skim)
+    seconds = cost.fixed_s + cost.per_position_s * (skim.prompt_positions + 30.5)
+    by_latency = plan_prompt(model, question, ps, latency_budget_s=seconds)
+    by_positions = plan_prompt(model, question, ps, token_budget=cost.positions_within(seconds))
+    assert by_latency.expanded == by_positions.expanded and by_latency.dropped == by_positions.dropped
+    assert plan_prompt(model, question, ps, latency_budget_s=1e6).expanded == {0, 1, 2, 3}
+    both = plan_prompt(model, question, ps, token_budget=skim.prompt_positions + 2, latency_budget_s=1e6)
+    assert both == plan_prompt(model, question, ps, token_budget=skim.prompt_positions + 2)  # the tighter budget holds
+    with pytest.raises(InputError, match="latency_budget_s must be > 0"):
+        plan_prompt(model, question, ps, latency_budget_s=0)
 
 
 def test_a_question_longer_than_the_decoder_reads_is_refused(model, passages):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 
@@ -45,6 +46,8 @@ class LongLLMLingua:
         self.compressor = compressor
 
     def compress(self, question: str, texts: Sequence[str], target_tokens: int) -> str:
-        result = self.compressor.compress_prompt(list(texts), question=question, target_token=target_tokens,
-                                                 concate_question=False, **self.SETTINGS)
+        with warnings.catch_warnings():  # llmlingua passes past_key_values, which transformers deprecates
+            warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+            result = self.compressor.compress_prompt(list(texts), question=question, target_token=target_tokens,
+                                                     concate_question=False, **self.SETTINGS)
         return result["compressed_prompt"]

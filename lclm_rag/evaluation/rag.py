@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,12 +24,25 @@ from lclm_rag.engine import GenerationSettings
 from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import PeakRSS, machine_info
 from lclm_rag.evaluation.metrics import score_predictions
-from lclm_rag.planning import Passage, build_segments, plan_prompt
+from lclm_rag.planning import POLICIES, Passage, build_segments, decide_expansion, plan_prompt
 
 logger = logging.getLogger(__name__)
 
-RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "llmlingua", "gold-text", "gold-latent")
-PER_RATIO_MODES = ("latent", "expand", "gold-latent")
+RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "auto", "llmlingua", "gold-text", "gold-latent")
+PER_RATIO_MODES = ("latent", "expand", "auto", "gold-latent")
+
+
+@dataclass
+class Asked:
+    """One answered question and what it cost."""
+
+    text: str
+    start: float  # perf_counter times: asked, first answer token, done
+    first: float
+    end: float
+    positions: int  # decoder prompt positions of the answer's prompt
+    docs: list | None = None  # doc ids retrieved (None: no retrieval)
+    expanded: int = 0  # passages given as text
 
 
 def corpus_documents(records: Sequence[dict]):
@@ -74,14 +88,34 @@ class EvalCollection:
         hits = self.store.search(self.embed.embed([question])[0], self.top_k, with_latents=True)
         return [Passage(h.id, h.text, h.score, h.latents, "stored", doc_id=h.payload.get("doc_id")) for h in hits]
 
-    def ask(self, question: str, expand: int, policy: str, max_new_tokens: int):
+    def ask(self, question: str, expand: int, policy: str, max_new_tokens: int) -> Asked:
         """Retrieve, plan (``expand`` passages as text), generate; timing the first new token."""
         start = time.perf_counter()
         passages = self.retrieve(question)
         plan = plan_prompt(self.model, question, passages, expand, policy)
         segments = build_segments(self.model, question, passages, plan)
         text, first = _generate(self.model, segments, max_new_tokens)
-        return text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages]
+        return Asked(text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages], len(plan.expanded))
+
+    def ask_auto(self, question: str, threshold: float, expand: int, policy: str, max_new_tokens: int) -> Asked:
+        """Answer from latents; below ``threshold`` confidence expand and answer again. The time to
+        first token is that of the answer returned: after the skim's whole answer when it expanded."""
+        start = time.perf_counter()
+        passages = self.retrieve(question)
+        skim: list = []
+
+        def answer(segments) -> str:
+            text, first = _generate(self.model, segments, max_new_tokens)
+            skim.append(first)
+            return text
+
+        decision = decide_expansion(self.model, question, passages, threshold=threshold, expand=expand, policy=policy,
+                                    max_new_tokens=max_new_tokens, answer=answer)
+        text, first = decision.latent_answer, skim[0]
+        if decision.expanded:
+            text, first = _generate(self.model, decision.segments, max_new_tokens)
+        return Asked(text, start, first, time.perf_counter(), decision.plan.prompt_positions, [p.doc_id for p in passages],
+                     len(decision.plan.expanded))
 
     def gold_latents(self, record: dict) -> list:
         ids = self.store.ids_of_doc(doc_id_of(record["context"]))
@@ -95,18 +129,21 @@ def _generate(model, segments, max_new_tokens: int) -> tuple[str, float]:
     return model.decoder.engine.timed(prompt, GenerationSettings(max_new_tokens=max_new_tokens))
 
 
-def _direct(model, question: str, slots, max_new_tokens: int, start: float | None = None):
+def _direct(model, question: str, slots, max_new_tokens: int, start: float | None = None, docs: list | None = None,
+            expanded: int = 0) -> Asked:
     start = start or time.perf_counter()
     segments = model.decoder.qa_segments(question, slots)
     text, first = _generate(model, segments, max_new_tokens)
-    return text, start, first, time.perf_counter(), model.prompt_positions(segments), None
+    return Asked(text, start, first, time.perf_counter(), model.prompt_positions(segments), docs, expanded)
 
 
-Job = tuple[str, Callable[[dict], tuple], Callable, dict]  # label, ask(record), context, what the answers depend on
+Job = tuple[str, Callable[[dict], Asked], Callable, dict]  # label, ask(record), context, what the answers depend on
 
 
-def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand: int, policy: str, max_new_tokens: int) -> list[Job]:
-    """The (label, ask, context, inputs) of every mode, per ratio where the mode reads latents."""
+def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand: int, policies: Sequence[str],
+          thresholds: Sequence[float], max_new_tokens: int) -> list[Job]:
+    """The (label, ask, context, inputs) of every mode, per ratio where the mode reads latents;
+    ``expand`` once per policy, ``auto`` once per threshold (with the first policy)."""
     main = setups[0]
     base_model = main.model  # its decoder with adapters disabled is "the base decoder"
     base = {"decoder": base_model.config.decoder}
@@ -123,26 +160,31 @@ def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand
         passages = main.retrieve(r["question"])
         budget = sum(p.latents.shape[0] for p in passages)
         compressed = lingua[0].compress(r["question"], [p.text for p in passages], budget)
-        out = _direct(base_model, r["question"], [compressed], max_new_tokens, start)
-        return (*out[:5], [p.doc_id for p in passages])
+        return _direct(base_model, r["question"], [compressed], max_new_tokens, start, [p.doc_id for p in passages], len(passages))
 
+    policy = policies[0]
     builders = {
-        "none": lambda s: ("none", lambda r: _direct(base_model, r["question"], [], max_new_tokens), off, base),
-        "text": lambda s: (f"text top-{top_k}", lambda r: main.ask(r["question"], top_k, policy, max_new_tokens), off,
-                           {**base, **main.retrieval}),
-        "text-adapted": lambda s: (f"text top-{top_k} (adapted decoder)", lambda r: main.ask(r["question"], top_k, policy, max_new_tokens),
-                                   contextlib.nullcontext, {**base, **main.retrieval, "reader": main.reads["reader"]}),
-        "latent": lambda s: (f"latent {s.label} top-{top_k}", lambda r: s.ask(r["question"], 0, policy, max_new_tokens),
-                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}),
-        "expand": lambda s: (f"expand {expand} of {top_k} @{s.label}", lambda r: s.ask(r["question"], expand, policy, max_new_tokens),
-                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}),
-        "gold-latent": lambda s: (f"gold latent {s.label}", lambda r: _direct(s.model, r["question"], s.gold_latents(r), max_new_tokens),
-                                  contextlib.nullcontext, {**base, **s.reads}),
-        "gold-text": lambda s: ("gold text", lambda r: _direct(base_model, r["question"], [r["context"]], max_new_tokens), off, base),
-        "llmlingua": lambda s: (f"LongLLMLingua top-{top_k} @{main.label} budget", llmlingua, off,
-                                {**base, **main.retrieval, "budget": main.budget}),
+        "none": lambda s: [("none", lambda r: _direct(base_model, r["question"], [], max_new_tokens), off, base)],
+        "text": lambda s: [(f"text top-{top_k}", lambda r: main.ask(r["question"], top_k, policy, max_new_tokens), off,
+                            {**base, **main.retrieval})],
+        "text-adapted": lambda s: [(f"text top-{top_k} (adapted decoder)", lambda r: main.ask(r["question"], top_k, policy, max_new_tokens),
+                                    contextlib.nullcontext, {**base, **main.retrieval, "reader": main.reads["reader"]})],
+        "latent": lambda s: [(f"latent {s.label} top-{top_k}", lambda r: s.ask(r["question"], 0, policy, max_new_tokens),
+                              contextlib.nullcontext, {**base, **s.retrieval, **s.reads})],
+        "expand": lambda s: [(f"expand {expand} of {top_k} ({p}) @{s.label}",
+                              lambda r, p=p: s.ask(r["question"], expand, p, max_new_tokens),
+                              contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for p in policies],
+        "auto": lambda s: [(f"auto < {t:g}: expand {expand} ({policy}) @{s.label}",
+                            lambda r, t=t: s.ask_auto(r["question"], t, expand, policy, max_new_tokens),
+                            contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for t in thresholds],
+        "gold-latent": lambda s: [(f"gold latent {s.label}", lambda r: _direct(s.model, r["question"], s.gold_latents(r), max_new_tokens),
+                                   contextlib.nullcontext, {**base, **s.reads})],
+        "gold-text": lambda s: [("gold text", lambda r: _direct(base_model, r["question"], [r["context"]], max_new_tokens, expanded=1),
+                                 off, base)],
+        "llmlingua": lambda s: [(f"LongLLMLingua top-{top_k} @{main.label} budget", llmlingua, off,
+                                 {**base, **main.retrieval, "budget": main.budget})],
     }
-    return [builders[mode](s) for mode in modes for s in (setups if mode in PER_RATIO_MODES else [main])]
+    return [job for mode in modes for s in (setups if mode in PER_RATIO_MODES else [main]) for job in builders[mode](s)]
 
 
 def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], None], save_every: int, progress: bool) -> None:
@@ -150,25 +192,29 @@ def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], Non
     from tqdm import tqdm
 
     label, ask, context, _ = job
-    done = result["partial"].setdefault(label, {"preds": [], "ttft": [], "total": [], "positions": [], "hits": [], "peak_rss_mb": 0.0})
+    done = result["partial"].setdefault(label, {"preds": [], "ttft": [], "total": [], "positions": [], "hits": [], "expanded": [],
+                                                "peak_rss_mb": 0.0})
+    done.setdefault("expanded", [])  # absent from runs saved before it was recorded
     with PeakRSS() as rss, context():
         ask(records[0])  # warm-up, not scored: one-time allocations and lazy initialisation
         todo = records[len(done["preds"]):]
         for r in tqdm(todo, desc=label, disable=not progress, initial=len(done["preds"]), total=len(records)):
-            text, start, first, end, n_positions, docs = ask(r)
-            done["preds"].append(text)
-            done["ttft"].append(first - start)
-            done["total"].append(end - start)
-            done["positions"].append(n_positions)
-            if docs is not None:
-                done["hits"].append(float(doc_id_of(r["context"]) in docs))
+            asked = ask(r)
+            done["preds"].append(asked.text)
+            done["ttft"].append(asked.first - asked.start)
+            done["total"].append(asked.end - asked.start)
+            done["positions"].append(asked.positions)
+            done["expanded"].append(asked.expanded)
+            if asked.docs is not None:
+                done["hits"].append(float(doc_id_of(r["context"]) in asked.docs))
             if len(done["preds"]) % save_every == 0:
                 done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
                 save()
     done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
-    ttft, total, positions, hits = done["ttft"], done["total"], done["positions"], done["hits"]
+    ttft, total, positions, hits, expanded = done["ttft"], done["total"], done["positions"], done["hits"], done["expanded"]
     scores = score_predictions(label, done["preds"], records, sum(total)).as_dict()
     scores.update(recall_at_k=sum(hits) / len(hits) if hits else None, prompt_positions=sum(positions) / len(positions),
+                  passages_expanded=sum(expanded) / len(expanded) if len(expanded) == len(positions) else None,
                   ttft_s=sum(ttft) / len(ttft), total_s=sum(total) / len(total), peak_rss_mb=done["peak_rss_mb"])
     del scores["seconds_per_question"]
     result["scores"].append(scores)
@@ -177,7 +223,8 @@ def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], Non
 
 
 def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
-                 seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str = "lexical", max_new_tokens: int = 32,
+                 seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str | Sequence[str] = "lexical",
+                 auto_thresholds: Sequence[float] = (0.5,), max_new_tokens: int = 32,
                  workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
                  resume: bool = False, save_every: int = 20, progress: bool = True) -> dict:
     """Ingest the distinct contexts of ``data`` into a fresh collection per checkpoint, then answer a
@@ -187,6 +234,10 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     path, ``None`` (the packaged default) or a loaded ``LatentContextModel``; the first also sets
     the LongLLMLingua budget (its latent positions for the same retrieved passages) and provides
     the base decoder. Returns (and writes to ``output``) scores, predictions and the machine.
+
+    ``expand`` runs once per policy in ``expand_policy`` (one name or several) and ``auto`` once
+    per threshold in ``auto_thresholds`` (expanding ``expand`` passages by the first policy), so one
+    run draws the quality-cost curve of skim-then-expand beside its references.
 
     ``output`` is rewritten after every mode and every ``save_every`` questions; with ``resume`` a
     run that stopped (a 500-question run takes hours on a CPU) continues from it: finished modes
@@ -202,6 +253,11 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     from lclm_rag.hub import DEFAULT_EMBEDDER
     from lclm_rag.model import LatentContextModel, load_model
 
+    policies = [expand_policy] if isinstance(expand_policy, str) else list(expand_policy)
+    if not policies or set(policies) - set(POLICIES):
+        raise InputError(f"expand policies must be some of {POLICIES}, got {policies}")
+    if any(not 0.0 <= t <= 1.0 for t in auto_thresholds):
+        raise InputError(f"auto thresholds must lie in [0, 1], got {list(auto_thresholds)}")
     unknown = set(modes) - set(RAG_MODES)
     if unknown:
         raise InputError(f"unknown modes {sorted(unknown)}; choose from {RAG_MODES}")
@@ -218,9 +274,10 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     documents = corpus_documents(all_records)
     setups = [EvalCollection(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
                      embedder or DEFAULT_EMBEDDER, top_k, progress) for c in checkpoints]
-    jobs = _jobs(modes, setups, top_k, expand, expand_policy, max_new_tokens)
+    jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), max_new_tokens)
     result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},
-              "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy, "max_new_tokens": max_new_tokens,
+              "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy if isinstance(expand_policy, str) else policies,
+              "auto_thresholds": list(auto_thresholds), "max_new_tokens": max_new_tokens,
               "checkpoints": {s.label: s.model.fingerprint() for s in setups},
               "readers": {s.label: s.reads["reader"] for s in setups},
               "ingested": {s.label: s.ingested for s in setups}, "machine": machine_info(), "scores": [], "predictions": {},
