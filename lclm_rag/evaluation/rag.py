@@ -43,6 +43,7 @@ class Asked:
     positions: int  # decoder prompt positions of the answer's prompt
     docs: list | None = None  # doc ids retrieved (None: no retrieval)
     expanded: int = 0  # passages given as text
+    expanded_docs: list | None = None  # doc ids of the retrieved passages given as text
 
 
 def corpus_documents(records: Sequence[dict]):
@@ -95,7 +96,8 @@ class EvalCollection:
         plan = plan_prompt(self.model, question, passages, expand, policy)
         segments = build_segments(self.model, question, passages, plan)
         text, first = _generate(self.model, segments, max_new_tokens)
-        return Asked(text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages], len(plan.expanded))
+        return Asked(text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages], len(plan.expanded),
+                     [passages[i].doc_id for i in plan.expanded])
 
     def ask_auto(self, question: str, threshold: float, expand: int, policy: str, max_new_tokens: int) -> Asked:
         """Answer from latents; below ``threshold`` confidence expand and answer again. The time to
@@ -115,7 +117,7 @@ class EvalCollection:
         if decision.expanded:
             text, first = _generate(self.model, decision.segments, max_new_tokens)
         return Asked(text, start, first, time.perf_counter(), decision.plan.prompt_positions, [p.doc_id for p in passages],
-                     len(decision.plan.expanded))
+                     len(decision.plan.expanded), [passages[i].doc_id for i in decision.plan.expanded])
 
     def gold_latents(self, record: dict) -> list:
         ids = self.store.ids_of_doc(doc_id_of(record["context"]))
@@ -193,8 +195,9 @@ def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], Non
 
     label, ask, context, _ = job
     done = result["partial"].setdefault(label, {"preds": [], "ttft": [], "total": [], "positions": [], "hits": [], "expanded": [],
-                                                "peak_rss_mb": 0.0})
-    done.setdefault("expanded", [])  # absent from runs saved before it was recorded
+                                                "gold_expanded": [], "peak_rss_mb": 0.0})
+    for key in ("expanded", "gold_expanded"):
+        done.setdefault(key, [])  # absent from runs saved before they were recorded
     with PeakRSS() as rss, context():
         ask(records[0])  # warm-up, not scored: one-time allocations and lazy initialisation
         todo = records[len(done["preds"]):]
@@ -205,8 +208,11 @@ def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], Non
             done["total"].append(asked.end - asked.start)
             done["positions"].append(asked.positions)
             done["expanded"].append(asked.expanded)
+            gold = doc_id_of(r["context"])
             if asked.docs is not None:
-                done["hits"].append(float(doc_id_of(r["context"]) in asked.docs))
+                done["hits"].append(float(gold in asked.docs))
+            if asked.expanded_docs is not None:
+                done["gold_expanded"].append(float(gold in asked.expanded_docs))
             if len(done["preds"]) % save_every == 0:
                 done["peak_rss_mb"] = max(done["peak_rss_mb"], rss.peak_bytes / 2**20)
                 save()
@@ -215,11 +221,16 @@ def _run_job(job: Job, records: list[dict], result: dict, save: Callable[[], Non
     scores = score_predictions(label, done["preds"], records, sum(total)).as_dict()
     scores.update(recall_at_k=sum(hits) / len(hits) if hits else None, prompt_positions=sum(positions) / len(positions),
                   passages_expanded=sum(expanded) / len(expanded) if len(expanded) == len(positions) else None,
+                  gold_expanded=_mean(done["gold_expanded"]) if len(done["gold_expanded"]) == len(positions) else None,
                   ttft_s=sum(ttft) / len(ttft), total_s=sum(total) / len(total), peak_rss_mb=done["peak_rss_mb"])
     del scores["seconds_per_question"]
     result["scores"].append(scores)
     result["predictions"][label] = done["preds"]
     del result["partial"][label]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
