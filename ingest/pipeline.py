@@ -178,17 +178,26 @@ class Ingestor:
 
     def __init__(self, store: LatentStore, compressor: LatentCompressor, embedder: Embedder,
                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP, batch_size: int = 32,
-                 shard_number: int | None = None, replication_factor: int | None = None, latent_dtype: str | None = None) -> None:
+                 shard_number: int | None = None, replication_factor: int | None = None, latent_dtype: str | None = None,
+                 latents_on_disk: bool | None = None) -> None:
         """``latent_dtype``: how a new collection stores latents ("float16", the default, or "uint8");
-        None for an existing collection keeps its own."""
+        ``latents_on_disk``: whether a new collection keeps them on disk (memory-mapped, read for the
+        hits only) instead of in RAM. None for an existing collection keeps its own; another value
+        than it has is refused (both are chosen when the collection is created)."""
         self.store, self.compressor, self.embedder = store, compressor, embedder
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
         if latent_dtype is None:
             latent_dtype = store.spec.latent_dtype if store.spec is not None else "float16"
+        if latents_on_disk is None:
+            latents_on_disk = store.spec.latents_on_disk if store.spec is not None else False
+        elif store.spec is not None and store.spec.latents_on_disk != latents_on_disk:
+            where = "on disk" if store.spec.latents_on_disk else "in RAM"
+            raise InputError(f"collection {store.name!r} keeps its latents {where}; that is chosen when a collection is "
+                             "created (ingest into a new collection to change it)")
         self.spec = CollectionSpec(
             fingerprint=compressor.fingerprint(), ratio=compressor.config.ratio,
             latent_dim=compressor.config.encoder_hidden_size, embedding_model=embedder.name, embedding_dim=embedder.dim,
-            latent_dtype=latent_dtype,
+            latent_dtype=latent_dtype, latents_on_disk=latents_on_disk,
         )
         store.bind(self.spec, shard_number=shard_number, replication_factor=replication_factor)
 

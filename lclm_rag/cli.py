@@ -77,7 +77,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         ingestor = Ingestor(
             store, load_compressor(args.checkpoint), Embedder(args.embedder), chunk_tokens=args.chunk_tokens,
             overlap=args.overlap, batch_size=args.batch_size, shard_number=args.shard_number,
-            replication_factor=args.replication_factor, latent_dtype=args.latent_dtype,
+            replication_factor=args.replication_factor, latent_dtype=args.latent_dtype, latents_on_disk=args.latents_on_disk,
         )
         report = ingestor.ingest_paths(args.paths, prune=args.prune, strict=args.strict, shard=shard,
                                        text_field=args.text_field, progress=not args.no_progress)
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="compressor checkpoint (default: the packaged one)")
     p.add_argument("--latent-dtype", choices=["float16", "uint8"], default=None,
                    help="how a new collection stores latents (default float16; uint8 halves the bytes); an existing one keeps its own")
+    p.add_argument("--latents-on-disk", action=argparse.BooleanOptionalAction, default=None,
+                   help="a new collection keeps its latents on disk, memory-mapped and read for the hits only (the "
+                        "dense index stays in RAM); default in RAM; an existing one keeps its own")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id or path")
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="chunk length in encoder tokens")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tokens shared by consecutive chunks")

@@ -107,6 +107,19 @@ def test_llama_index_documents(tmp_path, make_compressor, embedder):
         ingestor.ingest_documents([object()])
 
 
+def test_latent_placement_is_chosen_at_creation(tmp_path, make_compressor, embedder):
+    store = open_test_store("edge", tmp_path)
+    compressor = make_compressor(ratio=4)
+    from llama_index.core import Document
+
+    Ingestor(store, compressor, embedder, latents_on_disk=True).ingest_documents([Document(text="Mount Everest is 8,849 metres high.")])
+    assert Ingestor(store, compressor, embedder).spec.latents_on_disk is True  # a re-run without the flag keeps it
+    with pytest.raises(InputError, match="keeps its latents on disk; that is chosen when a collection is created"):
+        Ingestor(store, compressor, embedder, latents_on_disk=False)
+    assert store.count() == 1
+    store.close()
+
+
 def _cli(*args, **kw):
     return [sys.executable, "-m", "lclm_rag.cli", *args]
 

@@ -108,3 +108,27 @@ def test_uint8_latents_take_one_byte_a_value_and_come_back_within_half_a_step(ki
     store.close()
     with pytest.raises(InputError, match="latent_dtype must be one of"):
         open_test_store(kind, tmp_path, name="other").bind(dataclasses.replace(SPEC, latent_dtype="int4"))
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_latents_on_disk_are_the_collections_placement_and_read_back_the_same(kind, tmp_path):
+    import dataclasses
+    import json
+
+    store = open_test_store(kind, tmp_path)
+    store.bind(dataclasses.replace(SPEC, latents_on_disk=True))
+    passages = _passages(4)
+    store.upsert(passages)
+    hit = store.search(passages[1].dense, top_k=1)[0]
+    torch.testing.assert_close(hit.latents, passages[1].latents, atol=1e-6, rtol=2**-10)
+    if kind == "edge":  # the engine's own config of the collection: the latent vectors are not held in RAM
+        placed = json.loads((store.backend.dir / "edge_config.json").read_text())["vectors"]
+        assert placed["latent"]["memory"] == "cold" and "memory" not in placed["dense"]
+    else:
+        params = store.backend.client.get_collection(store.name).config.params.vectors
+        assert params["latent"].on_disk is True and not params["dense"].on_disk
+    store.bind(SPEC)  # a reader that does not ask keeps the collection's placement
+    assert store.spec.latents_on_disk is True
+    in_ram = open_test_store(kind, tmp_path / "second", name="ram")
+    in_ram.bind(SPEC)
+    assert in_ram.spec.latents_on_disk is False

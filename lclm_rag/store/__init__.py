@@ -17,6 +17,7 @@ Backends behind one small facade (``LatentStore``), as qdrant-client does for it
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,7 @@ class LatentStore:
         stored = self.backend.read_spec() if self.backend.exists() else None
         if stored is not None:
             spec.check(stored, self.name)
+            spec = dataclasses.replace(spec, latents_on_disk=stored.latents_on_disk)  # placement is the collection's
         else:
             self.backend.create(spec, shard_number, replication_factor)
         self.spec = spec

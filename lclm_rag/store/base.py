@@ -34,6 +34,7 @@ class CollectionSpec:
     embedding_dim: int
     schema_version: int = 1
     latent_dtype: str = "float16"  # how latents are stored: "float16" or "uint8" (store/quantize.py)
+    latents_on_disk: bool = False  # latents memory-mapped and read for the hits only; the dense index stays in RAM
 
     def check(self, stored: "CollectionSpec", collection: str) -> None:
         if stored.fingerprint != self.fingerprint or stored.ratio != self.ratio or stored.latent_dim != self.latent_dim:

@@ -106,6 +106,7 @@ class EdgeBackend(Backend):
                     multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
                     datatype=qe.VectorStorageDatatype.Uint8 if spec.latent_dtype == "uint8" else qe.VectorStorageDatatype.Float16,
                     hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000),
+                    memory=qe.Memory.Cold if spec.latents_on_disk else None,  # memory-mapped, read for the hits only
                 ),
             })
             self.shard = qe.EdgeShard.create(str(self.dir), config)

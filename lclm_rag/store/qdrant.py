@@ -58,6 +58,7 @@ class QdrantClientBackend(Backend):
                         datatype=m.Datatype.UINT8 if spec.latent_dtype == "uint8" else m.Datatype.FLOAT16,
                         multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
                         hnsw_config=m.HnswConfigDiff(m=0),
+                        on_disk=True if spec.latents_on_disk else None,  # memory-mapped, read for the hits only
                     ),
                 },
                 shard_number=shard_number,
