@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
+from lclm_rag.cli_args import (
+    add_engine_args,
+    add_store_args,
+    check_engine_args,
+    check_question,
+    expand_count,
+    fraction,
+    load_reader,
+    open_store,
+    use_engine_from_args,
+)
 from lclm_rag.errors import ConfigError, InputError, LclmRagError
 from lclm_rag.hub import DEFAULT_EMBEDDER
 
@@ -23,7 +33,6 @@ SAMPLE_QUESTION = "Who is the Eiffel Tower named after?"
 EXIT_PARTIAL = 1  # ingest finished, but some sources could not be read (listed on stderr)
 EXIT_USAGE = 2  # bad arguments or input (argparse uses 2 too)
 EXIT_ENVIRONMENT = 3  # the store, a model, a checkpoint or a path is not usable
-MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
 FILE_TYPES = """file types: text (.txt .md .markdown .rst .html .htm .xml .csv, or no extension; UTF-8), JSON and
 JSONL records (their "text" field, --text-field), and through LlamaIndex's readers PDF (.pdf), Word
 (.docx) and the other types SimpleDirectoryReader reads when their reader's package is installed
@@ -52,21 +61,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--collection", required=True, help="collection name")
-    p.add_argument("--path", help="embedded store directory (default: $LCLM_RAG_HOME/collections/NAME)")
-    p.add_argument("--qdrant-url", help="Qdrant server or cluster URL (gRPC preferred)")
-    p.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"), help="Qdrant API key (or $QDRANT_API_KEY)")
-    p.add_argument("--backend", choices=["auto", "edge", "qdrant"], default="auto",
-                   help="edge: Qdrant engine in-process (default); qdrant: qdrant-client (local path or :memory:)")
-
-
-def open_store(args: argparse.Namespace):
-    from lclm_rag.store import LatentStore
-
-    return LatentStore.open(args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend)
-
-
 def cmd_ingest(args: argparse.Namespace) -> int:
     from lclm_rag.embedding import Embedder
     from lclm_rag.ingest.pipeline import Ingestor, parse_shard
@@ -85,65 +79,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"failed: {failure.source}: {failure.reason}", file=sys.stderr)
     print(report.summary())
     return EXIT_PARTIAL if report.failed else 0
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                   help="decode with transformers (default) or vLLM in this process (pip install 'lclm-rag[vllm]')")
-    p.add_argument("--decoder-url", help="decode on a `vllm serve <serving copy> --enable-prompt-embeds` server, "
-                                         "e.g. http://127.0.0.1:8000/v1 (`lclm-rag export-decoder` writes the copy)")
-    p.add_argument("--engine-args", type=json_object, default={},
-                   help='vllm.LLM settings as JSON, e.g. \'{"enable_prefix_caching": true, "enforce_eager": true}\'')
-
-
-def expand_count(text: str) -> int | str:
-    """``--expand``: a number of passages or ``auto``."""
-    if text == "auto":
-        return text
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-def json_object(text: str) -> dict:
-    """A JSON object argument (argparse turns the ValueError into a one-line usage error)."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
-
-
-def check_engine_args(args: argparse.Namespace) -> None:
-    if args.engine_args and args.engine == "hf" and not args.decoder_url:
-        raise InputError("--engine-args are vLLM settings: add --engine vllm")
-
-
-def use_engine_from_args(model, args: argparse.Namespace):
-    """Put ``model`` on the decode engine the arguments ask for."""
-    if args.decoder_url:
-        model.use_engine("vllm", url=args.decoder_url)
-    elif args.engine != "hf":
-        model.use_engine(args.engine, **args.engine_args)
-    return model
-
-
-def load_reader(checkpoint: str | None, args: argparse.Namespace):
-    """The checkpoint, decoding on the engine the arguments ask for."""
-    from lclm_rag.model import load_model
-
-    check_engine_args(args)
-    return use_engine_from_args(load_model(checkpoint), args)
-
-
-def check_question(question: str) -> str:
-    """Refuse an empty or oversized question before any model loads."""
-    if not question.strip():
-        raise InputError("the question is empty")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise InputError(f"the question is {len(question):,} characters; the limit is {MAX_QUESTION_CHARS:,} "
-                         "(put long material in the collection, not in the question)")
-    return question
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -190,16 +125,6 @@ def _rounded_table(rows: list[dict]) -> str:
     return markdown_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
 
 
-def _fraction(value: str, flag: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise InputError(f"{flag}: {value!r} is not a number") from None
-    if not 0.0 <= number <= 1.0:
-        raise InputError(f"{flag}: {number} is not in [0, 1]")
-    return number
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from lclm_rag.evaluation import GOLD_MODES, RAG_MODES, run_gold_eval, run_rag_eval
     from lclm_rag.evaluation.plots import plot_quality_cost
@@ -209,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     known = GOLD_MODES if args.gold else RAG_MODES
     if set(modes) - set(known):
         raise InputError(f"unknown modes {sorted(set(modes) - set(known))}; choose from {', '.join(known)}")
-    thresholds = [_fraction(t, "--auto-thresholds") for t in args.auto_thresholds.split(",")]
+    thresholds = [fraction(t, "--auto-thresholds") for t in args.auto_thresholds.split(",")]
     if not Path(args.data).is_file():
         raise InputError(f"{args.data}: no such file")
     readers = [load_reader(c, args) for c in checkpoints]
@@ -227,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = run_rag_eval(args.data, readers, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
                               expand=args.expand, expand_policy=args.policy.split(","),
-                              auto_thresholds=thresholds,
+                              auto_thresholds=thresholds, auto_policy=args.auto_policy,
                               max_new_tokens=args.max_new_tokens, workdir=args.workdir, output=args.output, resume=args.resume)
         if args.plot:
             plot_quality_cost(result, args.plot, cost={"ttft": "ttft_s", "positions": "prompt_positions"}[args.plot_x])
@@ -290,6 +215,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result["summary"], indent=2))
     if args.what in ("query", "all"):
         result = bench.run_query_benchmark(checkpoint=args.checkpoint, output=f"{args.output_dir}/bench_query.json")
+        print(bench.markdown_table(result["rows"]))
+    if args.what == "engines":  # not in "all": it starts a vLLM engine per prefix-caching setting
+        from lclm_rag.evaluation.engine_bench import run_engine_benchmark
+
+        result = run_engine_benchmark(args.checkpoint, engines=args.engines.split(","), output=f"{args.output_dir}/bench_engines.json")
+        print(bench.markdown_table(result["throughput"]))
+    if args.what == "capacity":  # not in "all": it writes two collections of --passages passages
+        from lclm_rag.evaluation.capacity import run_capacity_benchmark
+
+        result = run_capacity_benchmark(n=args.passages, output=f"{args.output_dir}/bench_capacity.json")
         print(bench.markdown_table(result["rows"]))
     if args.what in ("ingest", "all"):
         n = 200 if args.quick else args.passages
@@ -366,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand and auto modes")
     p.add_argument("--policy", default="lexical",
                    help="comma-separated expansion policies (score, lexical, attention): the expand mode runs once per "
-                        "policy, the auto mode uses the first")
+                        "policy")
     p.add_argument("--auto-thresholds", default="0.5",
                    help="comma-separated confidence thresholds: the auto mode runs once per threshold")
+    p.add_argument("--auto-policy", choices=["score", "lexical", "attention"], default=None,
+                   help="which passage the auto mode expands (default: the first --policy)")
     p.add_argument("--workdir", help="keep the evaluation collections here (re-runs reuse them)")
     p.add_argument("--plot", help="PNG of quality against cost, one point per mode")
     p.add_argument("--plot-x", choices=["ttft", "positions"], default="ttft",
@@ -406,9 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")
     p.add_argument("--checkpoint")
-    p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "all"], default="all")
+    p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "engines", "capacity", "all"], default="all",
+                   help="all = core, query and ingest; engines: --engines side by side (TTFT against k, batch "
+                        "throughput, vLLM with prefix caching off and on); capacity: memory and latency of a "
+                        "--passages collection, latents in RAM vs on disk")
+    p.add_argument("--engines", default="hf,vllm", help="with engines: comma-separated decode engines (hf, vllm)")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion benchmark")
+    p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion and capacity benchmarks")
     p.add_argument("--output-dir", default="runs/bench", help="where JSON and markdown results go")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from lclm_rag.errors import LclmRagError, ModelNotFoundError
@@ -65,10 +66,15 @@ def _convert_smollm2() -> Path:
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    tmp = target.with_name(target.name + ".partial")
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # one per process: first uses may run at once
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a killed conversion never leaves a half-written model behind
+    try:
+        tmp.rename(target)  # atomic: a killed conversion never leaves a half-written model behind
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     return target
 
 

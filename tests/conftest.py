@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel workers share the cores: one thread each, and for the processes the tests start
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 torch.manual_seed(0)
 
 

@@ -13,7 +13,7 @@ LAYERS = [  # (rank, module prefixes)
     (2, ["lclm_rag.chunking", "lclm_rag.embedding", "lclm_rag.store", "lclm_rag.ingest", "lclm_rag.planning", "lclm_rag.data"]),
     (3, ["lclm_rag.integrations"]),
     (4, ["lclm_rag.evaluation"]),
-    (5, ["lclm_rag.training", "lclm_rag.cli"]),
+    (5, ["lclm_rag.training", "lclm_rag.cli", "lclm_rag.cli_args"]),
 ]
 
 

@@ -184,6 +184,8 @@ def test_rag_eval_errors(tmp_path, model):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["oracle"])
     with pytest.raises(InputError, match="expand policies must be some of"):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["expand"], expand_policy=["bm25"])
+    with pytest.raises(InputError, match=r"expand policies must be some of .*\(auto: bm25\)"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["auto"], auto_policy="bm25")
     with pytest.raises(InputError, match=r"auto thresholds must lie in \[0, 1\]"):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["auto"], auto_thresholds=[1.5])
     bad = tmp_path / "bad.jsonl"

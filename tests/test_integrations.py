@@ -132,6 +132,18 @@ def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embed
     client.close()
 
 
+def test_a_condense_question_chat_engine_answers_through_the_latent_synthesizer(store, embedder, model):
+    from llama_index.core.chat_engine import CondenseQuestionChatEngine
+    from llama_index.core.llms import MockLLM
+
+    engine = LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model, max_new_tokens=6)
+    chat = CondenseQuestionChatEngine.from_defaults(query_engine=engine, llm=MockLLM())  # first turn: nothing to condense
+    reply = chat.chat(QUESTION)
+    direct = engine.query(QUESTION)
+    assert reply.response == direct.response and reply.source_nodes
+    assert [n.node.node_id for n in reply.source_nodes] == [n.node.node_id for n in direct.source_nodes]
+
+
 def test_a_postprocessor_whose_latents_nobody_reads_warns_once(store, embedder, model):
     import warnings
 
@@ -168,7 +180,8 @@ def test_errors(store, embedder, model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["ingest_and_query.py", "postprocessor_with_llamaindex_qdrant.py", "llamaindex_pipeline_and_query_engine.py"])
+@pytest.mark.parametrize("script", ["ingest_and_query.py", "postprocessor_with_llamaindex_qdrant.py", "llamaindex_pipeline_and_query_engine.py",
+                                    "vector_store_index.py"])
 def test_examples_run_offline(script, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, str(REPO / "examples" / script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)

@@ -143,9 +143,9 @@ Job = tuple[str, Callable[[dict], Asked], Callable, dict]  # label, ask(record),
 
 
 def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand: int, policies: Sequence[str],
-          thresholds: Sequence[float], max_new_tokens: int) -> list[Job]:
+          thresholds: Sequence[float], auto_policy: str, max_new_tokens: int) -> list[Job]:
     """The (label, ask, context, inputs) of every mode, per ratio where the mode reads latents;
-    ``expand`` once per policy, ``auto`` once per threshold (with the first policy)."""
+    ``expand`` once per policy, ``auto`` once per threshold (expanding by ``auto_policy``)."""
     main = setups[0]
     base_model = main.model  # its decoder with adapters disabled is "the base decoder"
     base = {"decoder": base_model.config.decoder}
@@ -176,8 +176,8 @@ def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand
         "expand": lambda s: [(f"expand {expand} of {top_k} ({p}) @{s.label}",
                               lambda r, p=p: s.ask(r["question"], expand, p, max_new_tokens),
                               contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for p in policies],
-        "auto": lambda s: [(f"auto < {t:g}: expand {expand} ({policy}) @{s.label}",
-                            lambda r, t=t: s.ask_auto(r["question"], t, expand, policy, max_new_tokens),
+        "auto": lambda s: [(f"auto < {t:g}: expand {expand} ({auto_policy}) @{s.label}",
+                            lambda r, t=t: s.ask_auto(r["question"], t, expand, auto_policy, max_new_tokens),
                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for t in thresholds],
         "gold-latent": lambda s: [(f"gold latent {s.label}", lambda r: _direct(s.model, r["question"], s.gold_latents(r), max_new_tokens),
                                    contextlib.nullcontext, {**base, **s.reads})],
@@ -235,7 +235,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
                  seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str | Sequence[str] = "lexical",
-                 auto_thresholds: Sequence[float] = (0.5,), max_new_tokens: int = 32,
+                 auto_thresholds: Sequence[float] = (0.5,), auto_policy: str | None = None, max_new_tokens: int = 32,
                  workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
                  resume: bool = False, save_every: int = 20, progress: bool = True) -> dict:
     """Ingest the distinct contexts of ``data`` into a fresh collection per checkpoint, then answer a
@@ -247,7 +247,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     the base decoder. Returns (and writes to ``output``) scores, predictions and the machine.
 
     ``expand`` runs once per policy in ``expand_policy`` (one name or several) and ``auto`` once
-    per threshold in ``auto_thresholds`` (expanding ``expand`` passages by the first policy), so one
+    per threshold in ``auto_thresholds`` (expanding ``expand`` passages by ``auto_policy``, default
+    the first of ``expand_policy``), so one
     run draws the quality-cost curve of skim-then-expand beside its references.
 
     ``output`` is rewritten after every mode and every ``save_every`` questions; with ``resume`` a
@@ -265,8 +266,9 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     from lclm_rag.model import LatentContextModel, load_model
 
     policies = [expand_policy] if isinstance(expand_policy, str) else list(expand_policy)
-    if not policies or set(policies) - set(POLICIES):
-        raise InputError(f"expand policies must be some of {POLICIES}, got {policies}")
+    auto_policy = auto_policy or (policies[0] if policies else None)
+    if not policies or set(policies + [auto_policy]) - set(POLICIES):
+        raise InputError(f"expand policies must be some of {POLICIES}, got {policies} (auto: {auto_policy})")
     if any(not 0.0 <= t <= 1.0 for t in auto_thresholds):
         raise InputError(f"auto thresholds must lie in [0, 1], got {list(auto_thresholds)}")
     unknown = set(modes) - set(RAG_MODES)
@@ -285,7 +287,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     documents = corpus_documents(all_records)
     setups = [EvalCollection(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
                      embedder or DEFAULT_EMBEDDER, top_k, progress) for c in checkpoints]
-    jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), max_new_tokens)
+    jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), auto_policy, max_new_tokens)
     result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},
               "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy if isinstance(expand_policy, str) else policies,
               "auto_thresholds": list(auto_thresholds), "max_new_tokens": max_new_tokens,

@@ -1,0 +1,98 @@
+"""The command line's shared argument groups, argument types and early checks (all before any
+model loads, so a mistake fails at once)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from lclm_rag.errors import InputError
+
+MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", required=True, help="collection name")
+    p.add_argument("--path", help="embedded store directory (default: $LCLM_RAG_HOME/collections/NAME)")
+    p.add_argument("--qdrant-url", help="Qdrant server or cluster URL (gRPC preferred)")
+    p.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"), help="Qdrant API key (or $QDRANT_API_KEY)")
+    p.add_argument("--backend", choices=["auto", "edge", "qdrant"], default="auto",
+                   help="edge: Qdrant engine in-process (default); qdrant: qdrant-client (local path or :memory:)")
+
+
+def open_store(args: argparse.Namespace):
+    from lclm_rag.store import LatentStore
+
+    return LatentStore.open(args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend)
+
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="decode with transformers (default) or vLLM in this process (pip install 'lclm-rag[vllm]')")
+    p.add_argument("--decoder-url", help="decode on a `vllm serve <serving copy> --enable-prompt-embeds` server, "
+                                         "e.g. http://127.0.0.1:8000/v1 (`lclm-rag export-decoder` writes the copy)")
+    p.add_argument("--engine-args", type=json_object, default={},
+                   help='vllm.LLM settings as JSON, e.g. \'{"enable_prefix_caching": true, "enforce_eager": true}\'')
+
+
+def expand_count(text: str) -> int | str:
+    """``--expand``: a number of passages or ``auto``."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def json_object(text: str) -> dict:
+    """A JSON object argument (argparse turns the ValueError into a one-line usage error)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    if args.engine_args and args.engine == "hf" and not args.decoder_url:
+        raise InputError("--engine-args are vLLM settings: add --engine vllm")
+
+
+def use_engine_from_args(model, args: argparse.Namespace):
+    """Put ``model`` on the decode engine the arguments ask for."""
+    if args.decoder_url:
+        model.use_engine("vllm", url=args.decoder_url)
+    elif args.engine != "hf":
+        model.use_engine(args.engine, **args.engine_args)
+    return model
+
+
+def load_reader(checkpoint: str | None, args: argparse.Namespace):
+    """The checkpoint, decoding on the engine the arguments ask for."""
+    from lclm_rag.model import load_model
+
+    check_engine_args(args)
+    return use_engine_from_args(load_model(checkpoint), args)
+
+
+def check_question(question: str) -> str:
+    """Refuse an empty or oversized question before any model loads."""
+    if not question.strip():
+        raise InputError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"the question is {len(question):,} characters; the limit is {MAX_QUESTION_CHARS:,} "
+                         "(put long material in the collection, not in the question)")
+    return question
+
+
+
+def fraction(value: str, flag: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{flag}: {value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise InputError(f"{flag}: {number} is not in [0, 1]")
+    return number
