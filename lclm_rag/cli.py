@@ -75,6 +75,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         )
         report = ingestor.ingest_paths(args.paths, prune=args.prune, strict=args.strict, shard=shard,
                                        text_field=args.text_field, progress=not args.no_progress)
+        if ingestor.spec.latents_on_disk:
+            store.optimize()  # latents leave the engine's in-RAM appendable segments only when optimized
     for failure in report.failed:
         print(f"failed: {failure.source}: {failure.reason}", file=sys.stderr)
     print(report.summary())

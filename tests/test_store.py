@@ -127,6 +127,8 @@ def test_latents_on_disk_are_the_collections_placement_and_read_back_the_same(ki
     else:
         params = store.backend.client.get_collection(store.name).config.params.vectors
         assert params["latent"].on_disk is True and not params["dense"].on_disk
+    store.optimize()  # merges what was written; the latents read back the same
+    torch.testing.assert_close(store.search(passages[1].dense, top_k=1)[0].latents, hit.latents)
     store.bind(SPEC)  # a reader that does not ask keeps the collection's placement
     assert store.spec.latents_on_disk is True
     in_ram = open_test_store(kind, tmp_path / "second", name="ram")

@@ -125,6 +125,11 @@ class LatentStore:
     def disk_bytes(self) -> int | None:
         return self.backend.disk_bytes()
 
+    def optimize(self) -> None:
+        """After a bulk write: the embedded engine merges its appendable segments, where latents
+        sit in RAM whatever the placement, into optimized ones that honour ``latents_on_disk``."""
+        self.backend.optimize()
+
     def close(self) -> None:
         self.backend.close()
 

@@ -135,6 +135,9 @@ class Backend(ABC):
     def flush(self) -> None:
         """Make written points durable (engines that write through need nothing)."""
 
+    def optimize(self) -> None:
+        """Merge freshly written segments into optimized ones (engines that do it themselves need nothing)."""
+
     def ids_of_doc(self, doc_id: str) -> set[str]:
         return {str(r.id) for r in self.scroll_doc_ids(doc_id)}
 

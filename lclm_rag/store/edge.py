@@ -167,6 +167,10 @@ class EdgeBackend(Backend):
         if self.shard is not None:
             self.shard.flush()
 
+    def optimize(self) -> None:
+        if self.shard is not None:
+            self.shard.optimize()  # the embedded engine runs no background optimizer
+
     def close(self) -> None:
         if self.shard is not None:
             self.shard.flush()
