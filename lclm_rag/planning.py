@@ -108,12 +108,12 @@ _PREFILL_COSTS: dict[int, PrefillCost] = {}
 
 
 def prefill_cost(model: LatentContextModel, short: int = 64, long: int = 512) -> PrefillCost:
-    """Measured once per loaded model: the first token's time after a ``short`` and a ``long`` prompt
+    """Measured once per loaded model and engine: the first token's time after a ``short`` and a ``long`` prompt
     (best of 2 each), a line through both. Prefill dominates time to first token, and it grows
     about linearly with the prompt at these lengths, so a latency budget becomes a position budget."""
     from lclm_rag.engine import GenerationSettings
 
-    key = id(model)
+    key = id(model.decoder.engine)  # another engine (use_engine) is measured again
     if key not in _PREFILL_COSTS:
         settings = GenerationSettings(max_new_tokens=1)
 
