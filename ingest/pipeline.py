@@ -179,13 +179,16 @@ class Ingestor:
     def __init__(self, store: LatentStore, compressor: LatentCompressor, embedder: Embedder,
                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP, batch_size: int = 32,
                  shard_number: int | None = None, replication_factor: int | None = None, latent_dtype: str | None = None,
-                 latents_on_disk: bool | None = None) -> None:
-        """``latent_dtype``: how a new collection stores latents ("float16", the default, or "uint8");
+                 latents_on_disk: bool | None = None, encoder=None) -> None:
+        """``encoder``: where embedding and compression run (None: here, batch by batch; a
+        ``RayDataEncoder``: on a Ray cluster's actors); everything else is the same either way.
+        ``latent_dtype``: how a new collection stores latents ("float16", the default, or "uint8");
         ``latents_on_disk``: whether a new collection keeps them on disk (memory-mapped, read for the
         hits only) instead of in RAM. None for an existing collection keeps its own; another value
         than it has is refused (both are chosen when the collection is created)."""
         self.store, self.compressor, self.embedder = store, compressor, embedder
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
+        self.encoder = encoder
         if latent_dtype is None:
             latent_dtype = store.spec.latent_dtype if store.spec is not None else "float16"
         if latents_on_disk is None:
@@ -278,9 +281,29 @@ class Ingestor:
 
     # ---------------------------------------------------------------- the work
     def _ingest(self, docs: list[SourceDocument], report: IngestReport, progress: bool) -> None:
+        plan = self.plan(docs, report)
+        bar = None
+        if progress and plan.pending:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan.pending), unit="passage", desc=f"ingest -> {self.store.name}")
+        batches = (self.encoder.encode(plan.pending, self.compressor, self.embedder) if self.encoder is not None
+                   else self._encoded_batches(plan.pending))
+        for batch in batches:
+            self.store.upsert(batch)
+            report.written += len(batch)
+            logger.info("upserted batch of %d (%d written)", len(batch), report.written)
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        self.retire(plan, report)
+
+    def plan(self, docs: Sequence[SourceDocument], report: IngestReport) -> "IngestPlan":
+        """Chunk every document and compare with the collection: the passages to write (text and
+        payload, no vectors yet) and, per document, the stored chunks its new version replaces."""
         tok = self.compressor.tokenizer
-        pending: list[StoredPassage] = []
-        stale_by_doc: dict[str, set[str]] = {}
+        plan = IngestPlan()
         seen: set[str] = set()
         for doc in docs:
             if doc.doc_id in seen:
@@ -307,34 +330,39 @@ class Ingestor:
                         existing = existing - {old.id}
             report.passages += len(new)
             report.skipped += len(existing & new.keys())
-            pending.extend(p for pid, p in new.items() if pid not in existing)
-            stale_by_doc[doc.doc_id] = existing - new.keys()
-        estimate = len(pending) / PASSAGES_PER_SECOND_CPU
+            plan.pending.extend(p for pid, p in new.items() if pid not in existing)
+            plan.stale_by_doc[doc.doc_id] = existing - new.keys()
+        estimate = len(plan.pending) / PASSAGES_PER_SECOND_CPU
         if estimate > 3600:
             logger.warning("%s passages to compress: about %.1f h on a CPU (%d passages/s; a GPU is much faster)",
-                           f"{len(pending):,}", estimate / 3600, PASSAGES_PER_SECOND_CPU)
-        bar = None
-        if progress and pending:
-            from tqdm import tqdm
+                           f"{len(plan.pending):,}", estimate / 3600, PASSAGES_PER_SECOND_CPU)
+        return plan
 
-            bar = tqdm(total=len(pending), unit="passage", desc=f"ingest -> {self.store.name}")
-        while pending:  # consumed batch by batch: a written batch's texts are released
+    def _encoded_batches(self, pending: list[StoredPassage]) -> Iterator[list[StoredPassage]]:
+        """Embed and compress in this process, batch by batch (a written batch's texts are released)."""
+        while pending:
             batch, pending[: self.batch_size] = pending[: self.batch_size], []
             texts = [p.text for p in batch]
             vectors = self.embedder.embed(texts)
             latents = self.compressor.compress(texts, batch_size=self.batch_size)
             for p, v, lat in zip(batch, vectors, latents):
                 p.dense, p.latents = v, lat
-            self.store.upsert(batch)
-            report.written += len(batch)
-            logger.info("upserted batch of %d (%d written)", len(batch), report.written)
-            if bar is not None:
-                bar.update(len(batch))
-        if bar is not None:
-            bar.close()
-        for stale in stale_by_doc.values():  # only after every new chunk is stored: nothing is lost midway
+            yield batch
+
+    def retire(self, plan: "IngestPlan", report: IngestReport) -> None:
+        """Delete the chunks that changed documents no longer have: only once every new chunk is
+        stored, so a run stopped midway loses nothing."""
+        for stale in plan.stale_by_doc.values():
             self.store.delete(stale)
             report.deleted += len(stale)
+
+
+@dataclass
+class IngestPlan:
+    """What a run has to do: passages to embed, compress and write; stored chunks to retire after."""
+
+    pending: list[StoredPassage] = field(default_factory=list)
+    stale_by_doc: dict[str, set[str]] = field(default_factory=dict)
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -67,11 +68,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from lclm_rag.model import load_compressor
 
     shard = parse_shard(args.shard)
-    with open_store(args) as store:
+    if args.ray_workers is not None and args.ray is None:
+        raise InputError("--ray-workers needs --ray")
+    with open_store(args) as store, contextlib.ExitStack() as cleanup:
+        encoder = None
+        if args.ray is not None:
+            from lclm_rag.ingest.ray_data import RayDataEncoder
+
+            encoder = cleanup.enter_context(RayDataEncoder(None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                                                           batch_size=args.batch_size))
         ingestor = Ingestor(
             store, load_compressor(args.checkpoint), Embedder(args.embedder), chunk_tokens=args.chunk_tokens,
             overlap=args.overlap, batch_size=args.batch_size, shard_number=args.shard_number,
             replication_factor=args.replication_factor, latent_dtype=args.latent_dtype, latents_on_disk=args.latents_on_disk,
+            encoder=encoder,
         )
         report = ingestor.ingest_paths(args.paths, prune=args.prune, strict=args.strict, shard=shard,
                                        text_field=args.text_field, progress=not args.no_progress)
@@ -266,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true", help="delete stored documents that are no longer in the input")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file")
     p.add_argument("--shard", help="i/n: this worker ingests its share of the documents")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="embed and compress on Ray Data actors: a local Ray cluster, or the one at ADDRESS "
+                        "('auto', ray://host:10001); this process still writes (needs lclm-rag[ray])")
+    p.add_argument("--ray-workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
     p.add_argument("--shard-number", type=int, help="shards when creating a collection on a cluster")
     p.add_argument("--replication-factor", type=int, help="replicas when creating a collection on a cluster")
     p.add_argument("--no-progress", action="store_true")
