@@ -147,6 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if set(modes) - set(known):
         raise InputError(f"unknown modes {sorted(set(modes) - set(known))}; choose from {', '.join(known)}")
     thresholds = [fraction(t, "--auto-thresholds") for t in args.auto_thresholds.split(",")]
+    if args.latent_dtype is not None and not args.gold:
+        raise InputError("--latent-dtype applies to --gold (a RAG run reads the latents its collection stores)")
     if not Path(args.data).is_file():
         raise InputError(f"{args.data}: no such file")
     readers = [load_reader(c, args) for c in checkpoints]
@@ -160,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if args.gold:
         result = run_gold_eval(readers[0], args.data, modes, args.limit, seed=args.seed,
-                               max_new_tokens=args.max_new_tokens, output=args.output)
+                               max_new_tokens=args.max_new_tokens, output=args.output, latent_dtype=args.latent_dtype)
     else:
         result = run_rag_eval(args.data, readers, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
                               expand=args.expand, expand_policy=args.policy.split(","),
@@ -236,7 +238,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "capacity":  # not in "all": it writes two collections of --passages passages
         from lclm_rag.evaluation.capacity import run_capacity_benchmark
 
-        result = run_capacity_benchmark(n=args.passages, output=f"{args.output_dir}/bench_capacity.json")
+        result = run_capacity_benchmark(n=args.passages, output=f"{args.output_dir}/bench_capacity.json",
+                                        latent_dtypes=args.latent_dtypes.split(","))
         print(bench.markdown_table(result["rows"]))
     if args.what in ("ingest", "all"):
         n = 200 if args.quick else args.passages
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, llmlingua, gold-text, "
                                    "gold-latent (default all); --gold: none, text, text-base, latent, latent-control")
     p.add_argument("--gold", action="store_true", help="reading only: each question with its gold passage, batched")
+    p.add_argument("--latent-dtype", choices=["float16", "uint8"],
+                   help="--gold: latents as a collection of this type gives them back (default: as the encoder made them)")
     p.add_argument("--expansion-recall", action="store_true",
                    help="how often each expansion policy (score, lexical, attention) expands the gold passage, top-k retrieval")
     p.add_argument("--top-k", type=int, default=5)
@@ -366,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="hf,vllm", help="with engines: comma-separated decode engines (hf, vllm)")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion and capacity benchmarks")
+    p.add_argument("--latent-dtypes", default="float16", help="with capacity: comma-separated latent types (float16, uint8)")
     p.add_argument("--output-dir", default="runs/bench", help="where JSON and markdown results go")
     p.set_defaults(func=cmd_bench)
     return parser

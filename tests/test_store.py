@@ -110,6 +110,25 @@ def test_uint8_latents_take_one_byte_a_value_and_come_back_within_half_a_step(ki
         open_test_store(kind, tmp_path, name="other").bind(dataclasses.replace(SPEC, latent_dtype="int4"))
 
 
+@pytest.mark.parametrize("latent_dtype", ["float16", "uint8"])
+def test_as_stored_gives_what_a_collection_of_that_type_gives_back(latent_dtype, tmp_path):
+    import dataclasses
+
+    from lclm_rag.store.quantize import as_stored
+
+    store = open_test_store("edge", tmp_path)
+    store.bind(dataclasses.replace(SPEC, latent_dtype=latent_dtype))
+    passages = _passages(3)
+    expected = {p.id: as_stored(p.latents, latent_dtype) for p in passages}
+    store.upsert(passages)
+    for p in store.retrieve(list(expected)):
+        torch.testing.assert_close(p.latents.float(), expected[p.id], atol=1e-6, rtol=0)
+    assert not torch.equal(expected[passages[0].id], passages[0].latents.float())  # storing does change them
+    store.close()
+    with pytest.raises(ValueError, match="latent_dtype must be one of"):
+        as_stored(passages[0].latents, "int4")
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_latents_on_disk_are_the_collections_placement_and_read_back_the_same(kind, tmp_path):
     import dataclasses

@@ -71,17 +71,34 @@ def measure_collection(path: str | Path, queries: int = 200, top_k: int = 5, see
                     raise RuntimeError(f"{path}: a search returned {len(hits)} hits (wanted {top_k}, with latents)")
         count = store.count()
     ms = sorted(1000 * s for s in seconds)
-    return {"passages": count, "rss_after_import_mb": round(after_import, 1), "rss_after_open_mb": round(after_open, 1),
+    return {"passages": count, **resident_split_mb(), "rss_after_import_mb": round(after_import, 1), "rss_after_open_mb": round(after_open, 1),
             "rss_peak_queries_mb": round(peak.peak_bytes / 2**20, 1),
             "collection_rss_mb": round(peak.peak_bytes / 2**20 - after_import, 1),
             "query_ms_mean": round(statistics.fmean(ms), 2), "query_ms_p50": round(ms[len(ms) // 2], 2),
             "query_ms_p95": round(ms[int(len(ms) * 0.95)], 2)}
 
 
+def resident_split_mb() -> dict:
+    """This process's resident memory now, split as Linux accounts it: anonymous pages (the heap:
+    what the engine holds) and file-backed pages (mapped files: page cache the kernel drops under
+    pressure and reads again on demand). Empty where /proc is not there."""
+    fields = {"RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb"}
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def run_capacity_benchmark(n: int = 100_000, workdir: str | Path | None = None, output: str | Path | None = None,
-                           queries: int = 200, top_k: int = 5) -> dict:
-    """Build the same ``n``-passage collection with latents in RAM and on disk; measure each in a
-    fresh process. Returns (and writes to ``output``) one row per placement."""
+                           queries: int = 200, top_k: int = 5, latent_dtypes=("float16",)) -> dict:
+    """Build the same ``n``-passage collection with latents in RAM and on disk (per latent type);
+    measure each in a fresh process. Returns (and writes to ``output``) one row per collection."""
     import tempfile
 
     from lclm_rag.evaluation.measure import machine_info, markdown_table
@@ -89,19 +106,19 @@ def run_capacity_benchmark(n: int = 100_000, workdir: str | Path | None = None, 
 
     work = Path(workdir or tempfile.mkdtemp(prefix="lclm-capacity-"))
     rows = []
-    for on_disk in (False, True):
-        path = work / ("latents-on-disk" if on_disk else "latents-in-ram")
-        build_s = build_collection(path, n, latents_on_disk=on_disk) if not path.exists() else None
+    for latent_dtype, on_disk in [(d, o) for d in latent_dtypes for o in (False, True)]:
+        path = work / f"{latent_dtype}-{'latents-on-disk' if on_disk else 'latents-in-ram'}"
+        build_s = build_collection(path, n, latents_on_disk=on_disk, latent_dtype=latent_dtype) if not path.exists() else None
         code = ("import json, sys; from lclm_rag.evaluation.capacity import measure_collection; "
                 f"print(json.dumps(measure_collection(sys.argv[1], {queries}, {top_k})))")
         res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
-        row = {"latents": "on disk" if on_disk else "in RAM", **json.loads(res.stdout.strip().splitlines()[-1]),
+        row = {"latent_dtype": latent_dtype, "latents": "on disk" if on_disk else "in RAM", **json.loads(res.stdout.strip().splitlines()[-1]),
                "disk_mb": round(directory_bytes(path) / 2**20, 1)}
         if build_s is not None:
             row["build_passages_per_s"] = round(n / build_s, 1)
         rows.append(row)
     result = {"machine": machine_info(), "n": n, "top_k": top_k, "queries": queries,
-              "shapes": "64-token passages at 1:4: 16 latents x 576, float16; 384-d dense", "rows": rows}
+              "shapes": "64-token passages at 1:4: 16 latents x 576; 384-d dense", "rows": rows}
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2))

@@ -48,3 +48,13 @@ def decode(passage: StoredPassage, latent_dtype: str) -> StoredPassage:
         passage.latents = dequantize(passage.latents, scale, offset)
     return passage
 
+
+
+def as_stored(latents: torch.Tensor, latent_dtype: str) -> torch.Tensor:
+    """What a reader gets back after storing ``latents`` as ``latent_dtype`` (float32): to measure
+    the cost of a storage type without building a collection."""
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
+    if latent_dtype == "float16":
+        return latents.detach().to("cpu", torch.float16).float()
+    return dequantize(*quantize(latents))
