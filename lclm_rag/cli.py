@@ -32,6 +32,7 @@ SAMPLE_PASSAGE = (
 )
 SAMPLE_QUESTION = "Who is the Eiffel Tower named after?"
 EXIT_PARTIAL = 1  # ingest finished, but some sources could not be read (listed on stderr)
+EXPAND_POLICIES = ["score", "lexical", "fused", "attention"]  # lclm_rag.planning.POLICIES, without importing torch to parse
 EXIT_USAGE = 2  # bad arguments or input (argparse uses 2 too)
 EXIT_ENVIRONMENT = 3  # the store, a model, a checkpoint or a path is not usable
 FILE_TYPES = """file types: text (.txt .md .markdown .rst .html .htm .xml .csv, or no extension; UTF-8), JSON and
@@ -295,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="passages retrieved (all are read as latents)")
     p.add_argument("--expand", type=expand_count, default=0,
                    help="passages expanded back to raw text, or 'auto': answer from latents, expand only when unsure")
-    p.add_argument("--policy", choices=["score", "lexical", "attention"], default=None,
+    p.add_argument("--policy", choices=EXPAND_POLICIES, default=None,
                    help="which passages to expand first (default: score; attention with --expand auto): retrieval "
-                        "score, BM25 of the question, or the decoder's attention when it skims the latents")
+                        "score, BM25 of the question, both fused, or the decoder's attention when it skims the latents")
     p.add_argument("--auto-threshold", type=float, default=0.5,
                    help="--expand auto: expand when the latent answer's confidence (mean token probability) is below this")
     p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions")
@@ -317,15 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dtype", choices=["float16", "uint8"],
                    help="--gold: latents as a collection of this type gives them back (default: as the encoder made them)")
     p.add_argument("--expansion-recall", action="store_true",
-                   help="how often each expansion policy (score, lexical, attention) expands the gold passage, top-k retrieval")
+                   help="how often each expansion policy (score, lexical, fused, attention) expands the gold passage, top-k retrieval")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand and auto modes")
     p.add_argument("--policy", default="lexical",
-                   help="comma-separated expansion policies (score, lexical, attention): the expand mode runs once per "
+                   help="comma-separated expansion policies (score, lexical, fused, attention): the expand mode runs once per "
                         "policy")
     p.add_argument("--auto-thresholds", default="0.5",
                    help="comma-separated confidence thresholds: the auto mode runs once per threshold")
-    p.add_argument("--auto-policy", choices=["score", "lexical", "attention"], default=None,
+    p.add_argument("--auto-policy", choices=EXPAND_POLICIES, default=None,
                    help="which passage the auto mode expands (default: the first --policy)")
     p.add_argument("--workdir", help="keep the evaluation collections here (re-runs reuse them)")
     p.add_argument("--plot", help="PNG of quality against cost, one point per mode")

@@ -18,7 +18,8 @@ from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.prompt import latent_positions
 
-POLICIES = ("score", "lexical", "attention")  # attention: the decoder's skim of the all-latent prompt
+POLICIES = ("score", "lexical", "fused", "attention")  # attention: the decoder's skim of the all-latent prompt
+FUSED_SCORE_WEIGHT = 0.5  # fused = z(BM25) + 0.5 z(retrieval score): the weight chosen on squadshifts_new_wiki
 
 
 @dataclass
@@ -66,12 +67,19 @@ def lexical_relevance(question: str, texts: Sequence[str]) -> list[float]:
     return scores
 
 
+def _standardised(values: Sequence[float]) -> list[float]:
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return [(v - mean) / spread if spread > 0 else 0.0 for v in values]
+
+
 def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
                        model: LatentContextModel | None = None) -> list[int]:
     """Passage indices, most worth expanding first.
 
     ``score``: retrieval order; ``lexical``: BM25 of the question over the retrieved texts;
-    ``attention``: how much the decoder, reading every passage as latents, attends to each one
+    ``fused``: both, each standardised over the retrieved set (exact names and numbers from BM25,
+    paraphrase from the dense score); ``attention``: how much the decoder, reading every passage as latents, attends to each one
     from where its answer starts (one prefill; passages without latents rank first: they are
     expanded anyway).
     """
@@ -81,6 +89,10 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
         keys = [p.score if p.score is not None else -math.inf for p in passages]
     elif policy == "lexical":
         keys = lexical_relevance(question, [p.text for p in passages])
+    elif policy == "fused":
+        scores = [p.score if p.score is not None else 0.0 for p in passages]
+        keys = [b + FUSED_SCORE_WEIGHT * d for b, d in zip(_standardised(lexical_relevance(question, [p.text for p in passages])),
+                                                            _standardised(scores), strict=True)]
     else:
         if model is None:
             raise InputError("the attention policy needs the model")

@@ -44,3 +44,10 @@ def test_compare_prints_the_paired_table_of_two_results(tmp_path):
     assert "| exact_match | 1.0 | 0.5 | 0.5 | 0.5 | 1.0 |" in res.stdout
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "compare", str(new), str(tmp_path / "none.json")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "none.json: no such file" in res.stderr
+
+
+def test_cli_policy_choices_are_the_planners():
+    from lclm_rag.cli import EXPAND_POLICIES
+    from lclm_rag.planning import POLICIES
+
+    assert EXPAND_POLICIES == list(POLICIES)

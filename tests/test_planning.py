@@ -26,6 +26,16 @@ def test_rankings(model, passages):
         rank_for_expansion("q", ps, "random")
 
 
+def test_fused_ranking_weighs_exact_words_against_the_retrieval_score(model, passages):
+    question = "How high is Mount Everest in metres?"  # BM25 finds passage 3 alone
+    close = _passages(model, passages, [0.50, 0.52, 0.51, 0.49])  # dense scores that barely differ: BM25 decides
+    assert rank_for_expansion(question, close, "fused")[0] == 3
+    apart = _passages(model, passages, [0.1, 0.9, 0.1, 0.1])  # one passage far ahead on the dense score
+    assert rank_for_expansion(question, apart, "lexical")[0] == 3
+    assert rank_for_expansion(question, apart, "fused")[:2] == [3, 1]  # BM25's pick still leads, the dense favourite next
+    assert rank_for_expansion("zzz", apart, "fused") == rank_for_expansion("zzz", apart, "score")  # no word in common: the dense order
+
+
 def test_expand_and_token_budget(model, passages):
     ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
     question = "What is the capital of France?"
