@@ -18,6 +18,7 @@ from conftest import open_test_store
 from lclm_rag.errors import InputError
 
 ray = pytest.importorskip("ray", reason="needs lclm-rag[ray]")
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster, in one test worker
 
 from lclm_rag.ingest import Ingestor, SourceDocument  # noqa: E402
 from lclm_rag.ingest.ray_data import RayDataEncoder  # noqa: E402
