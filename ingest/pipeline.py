@@ -24,6 +24,7 @@ from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node, point_id
+from lclm_rag.store.quantize import DEFAULT_LATENT_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class Ingestor:
                  latents_on_disk: bool | None = None, encoder=None) -> None:
         """``encoder``: where embedding and compression run (None: here, batch by batch; a
         ``RayDataEncoder``: on a Ray cluster's actors); everything else is the same either way.
-        ``latent_dtype``: how a new collection stores latents ("float16", the default, or "uint8");
+        ``latent_dtype``: how a new collection stores latents ("uint8", the default, or "float16");
         ``latents_on_disk``: whether a new collection keeps them on disk (memory-mapped, read for the
         hits only) instead of in RAM. None for an existing collection keeps its own; another value
         than it has is refused (both are chosen when the collection is created)."""
@@ -190,7 +191,7 @@ class Ingestor:
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
         self.encoder = encoder
         if latent_dtype is None:
-            latent_dtype = store.spec.latent_dtype if store.spec is not None else "float16"
+            latent_dtype = store.spec.latent_dtype if store.spec is not None else DEFAULT_LATENT_DTYPE
         if latents_on_disk is None:
             latents_on_disk = store.spec.latents_on_disk if store.spec is not None else False
         elif store.spec is not None and store.spec.latents_on_disk != latents_on_disk:

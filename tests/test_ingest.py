@@ -120,6 +120,22 @@ def test_latent_placement_is_chosen_at_creation(tmp_path, make_compressor, embed
     store.close()
 
 
+def test_new_collections_store_uint8_and_existing_float16_ones_stay_float16(tmp_path, make_compressor, embedder):
+    from llama_index.core import Document
+
+    compressor = make_compressor(ratio=4)
+    new = open_test_store("edge", tmp_path, name="new")
+    Ingestor(new, compressor, embedder).ingest_documents([Document(text="Mount Everest is 8,849 metres high.")])
+    assert new.require().latent_dtype == "uint8"
+    new.close()
+    old = open_test_store("edge", tmp_path, name="old")
+    Ingestor(old, compressor, embedder, latent_dtype="float16").ingest_documents([Document(text="Paris is the capital of France.")])
+    again = Ingestor(old, compressor, embedder)  # a later run without the option
+    again.ingest_documents([Document(text="Photosynthesis makes glucose.")])
+    assert (again.spec.latent_dtype, old.require().latent_dtype, old.count()) == ("float16", "float16", 2)
+    old.close()
+
+
 def _cli(*args, **kw):
     return [sys.executable, "-m", "lclm_rag.cli", *args]
 

@@ -232,6 +232,7 @@ def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_
     written = pipeline.run(documents=docs)
     count = store.count()
     assert count == len(written) > len(docs) and store.spec.fingerprint == model.fingerprint()
+    assert store.spec.latent_dtype == "uint8"  # a new collection's default; the re-run below keeps it
     assert pipeline.run(documents=docs) == [] and store.count() == count  # the docstore skips unchanged documents
     store.close()
     engine = LatentQueryEngine.from_collection("pipe", path=str(tmp_path / "pipe"), backend=backend, model=model, similarity_top_k=3,
