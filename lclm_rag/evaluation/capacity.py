@@ -70,8 +70,9 @@ def measure_collection(path: str | Path, queries: int = 200, top_k: int = 5, see
                 if len(hits) != top_k or hits[0].latents is None:
                     raise RuntimeError(f"{path}: a search returned {len(hits)} hits (wanted {top_k}, with latents)")
         count = store.count()
+        split = resident_split_mb()  # while the collection is open, after its queries
     ms = sorted(1000 * s for s in seconds)
-    return {"passages": count, **resident_split_mb(), "rss_after_import_mb": round(after_import, 1), "rss_after_open_mb": round(after_open, 1),
+    return {"passages": count, **split, "rss_after_import_mb": round(after_import, 1), "rss_after_open_mb": round(after_open, 1),
             "rss_peak_queries_mb": round(peak.peak_bytes / 2**20, 1),
             "collection_rss_mb": round(peak.peak_bytes / 2**20 - after_import, 1),
             "query_ms_mean": round(statistics.fmean(ms), 2), "query_ms_p50": round(ms[len(ms) // 2], 2),
