@@ -225,7 +225,7 @@ def test_expansion_recall_counts_the_gold_passage_per_policy(tmp_path, model):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = run_expansion_recall(data, model, limit=6, top_k=3, counts=(1, 3), workdir=tmp_path / "w",
                                   output=tmp_path / "recall.json", progress=False)
-    assert result["n"] == 6 and [r["policy"] for r in result["scores"]] == ["score", "lexical", "attention"]
+    assert result["n"] == 6 and [r["policy"] for r in result["scores"]] == ["score", "lexical", "fused", "attention"]
     for row in result["scores"]:  # expanding all k finds the gold passage exactly when it was retrieved
         assert row["gold_in_top1"] <= row["gold_in_top3"] == pytest.approx(result["gold_retrieved"])
         assert row["gold_in_top3_when_retrieved"] == (1.0 if result["gold_retrieved"] else 0.0)
