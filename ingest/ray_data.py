@@ -41,6 +41,8 @@ class _EncodeBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
         latents = self.compressor.compress(texts, batch_size=len(texts))
+        # one object per passage (passages have different numbers of latents): the trailing None keeps
+        # numpy from stacking equal-shaped arrays into one 3-d array, and is dropped again
         return {"index": batch["index"], "dense": self.embedder.embed(texts),
                 "latents": np.array([lat.float().numpy() for lat in latents] + [None], dtype=object)[:-1]}
 
