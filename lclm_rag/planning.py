@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -68,8 +69,7 @@ def lexical_relevance(question: str, texts: Sequence[str]) -> list[float]:
 
 
 def _standardised(values: Sequence[float]) -> list[float]:
-    mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    mean, spread = statistics.fmean(values), statistics.pstdev(values)
     return [(v - mean) / spread if spread > 0 else 0.0 for v in values]
 
 
