@@ -25,6 +25,27 @@ from lclm_rag.store.base import (
 LOCK_FILE = ".lclm-rag.lock"
 
 
+def return_freed_heap() -> bool:
+    """Give the heap the engine freed back to the OS (glibc ``malloc_trim``); False where there is none.
+
+    Loading a shard allocates and frees about 0.6 GB of scratch (measured on 20k and 100k
+    passages alike); glibc keeps the freed pages mapped, so without this an open collection
+    holds that much resident memory for nothing, and the kernel cannot reclaim it.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "malloc_trim"):  # musl, macOS, Windows
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 class EdgeBackend(Backend):
     """Qdrant's engine in-process (qdrant-edge-py): float16 stored as float16, WAL-protected.
 
@@ -88,6 +109,7 @@ class EdgeBackend(Backend):
         except Exception as exc:  # the engine raises plain Exception
             self._release()
             raise StoreError(f"cannot open the embedded collection at {self.dir}: {exc}") from exc
+        return_freed_heap()
 
     def exists(self) -> bool:
         return self.shard is not None and (self.dir / META_FILE).exists()
@@ -170,6 +192,7 @@ class EdgeBackend(Backend):
     def optimize(self) -> None:
         if self.shard is not None:
             self.shard.optimize()  # the embedded engine runs no background optimizer
+            return_freed_heap()
 
     def close(self) -> None:
         if self.shard is not None:
