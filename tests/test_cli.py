@@ -12,6 +12,7 @@ def test_demo_runs_offline():
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "demo", "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "latents of width 576" in res.stdout and "answer  from latents" in res.stdout
+    assert "Loading weights" not in res.stderr and "Warning" not in res.stderr, res.stderr[-2000:]  # a quiet first run
 
 
 @pytest.mark.slow
