@@ -33,21 +33,19 @@ def return_freed_heap() -> bool:
     holds that much resident memory for nothing, and the kernel cannot reclaim it.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is None or not hasattr(libc, "malloc_trim"):  # musl, macOS, Windows
+        process = ctypes.CDLL(None)  # the symbols already loaded, the C library's among them
+    except (OSError, TypeError):  # Windows
         return False
-    libc.malloc_trim(0)
+    if not hasattr(process, "malloc_trim"):  # musl, macOS
+        return False
+    process.malloc_trim(0)
     return True
 
 
 class EdgeBackend(Backend):
-    """Qdrant's engine in-process (qdrant-edge-py): float16 stored as float16, WAL-protected.
+    """Qdrant's engine in-process (qdrant-edge-py): latents in the collection's type, WAL-protected.
 
     One process at a time, readers included: an OS-level lock (``flock`` on a file inside the
     collection directory) is taken before the engine touches the shard, so a second process is
