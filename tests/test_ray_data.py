@@ -131,17 +131,21 @@ def test_bad_ray_settings_fail_with_one_line_errors():
 
 
 @pytest.mark.slow
-def test_cli_ingest_on_ray_writes_the_collection_the_plain_cli_writes(tmp_path):
+def test_cli_ingest_on_ray_writes_the_collection_the_plain_cli_writes(tmp_path, capsys):
     from pathlib import Path
 
+    from lclm_rag.cli import main
+
     docs = Path(__file__).resolve().parents[1] / "examples" / "docs"
-    cli = [sys.executable, "-m", "lclm_rag.cli", "ingest", str(docs), "--collection", "ex", "--no-progress"]
+    args = ["ingest", str(docs), "--collection", "ex", "--no-progress"]
     env = dict(os.environ)
-    plain = subprocess.run([*cli, "--path", str(tmp_path / "plain")], capture_output=True, text=True, env=env, timeout=600)
-    on_ray = subprocess.run([*cli, "--path", str(tmp_path / "ray"), "--ray", "--ray-workers", "2"], capture_output=True,
-                            text=True, env=env, timeout=600)
-    assert plain.returncode == 0 and on_ray.returncode == 0, on_ray.stderr[-2000:]
-    assert "written 9" in on_ray.stdout and "written 9" in plain.stdout
+    assert main([*args, "--path", str(tmp_path / "plain")]) == 0  # the plain CLI in this process: the reference
+    assert "written 9" in capsys.readouterr().out
+    on_ray = subprocess.run([sys.executable, "-m", "lclm_rag.cli", *args, "--path", str(tmp_path / "ray"), "--ray",
+                             "--ray-workers", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert on_ray.returncode == 0, on_ray.stderr[-2000:]
+    assert "written 9" in on_ray.stdout
+    cli = [sys.executable, "-m", "lclm_rag.cli", *args]
     bad = subprocess.run([*cli, "--path", str(tmp_path / "bad"), "--ray-workers", "2"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--ray-workers needs --ray" in bad.stderr
     assert not (tmp_path / "bad").exists()
