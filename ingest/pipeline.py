@@ -24,7 +24,6 @@ from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import InputError
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node, point_id
-from lclm_rag.store.quantize import DEFAULT_LATENT_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ class Ingestor:
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
         self.encoder = encoder
         if latent_dtype is None:
-            latent_dtype = store.spec.latent_dtype if store.spec is not None else DEFAULT_LATENT_DTYPE
+            latent_dtype = store.latent_dtype_for_writes()
         if latents_on_disk is None:
             latents_on_disk = store.spec.latents_on_disk if store.spec is not None else False
         elif store.spec is not None and store.spec.latents_on_disk != latents_on_disk:

@@ -28,7 +28,6 @@ from pydantic import PrivateAttr
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node
-from lclm_rag.store.quantize import DEFAULT_LATENT_DTYPE
 
 
 class LatentCompression(TransformComponent):
@@ -82,9 +81,9 @@ class LatentVectorStore(BasePydanticVectorStore):
 
     def _bind(self, dim: int) -> None:
         c = self._model.compressor
-        dtype = self._store.spec.latent_dtype if self._store.spec is not None else DEFAULT_LATENT_DTYPE  # an existing one keeps its own
         self._store.bind(CollectionSpec(fingerprint=c.fingerprint(), ratio=c.config.ratio, latent_dim=c.config.encoder_hidden_size,
-                                        embedding_model=self.embedding_model, embedding_dim=dim, latent_dtype=dtype))
+                                        embedding_model=self.embedding_model, embedding_dim=dim,
+                                        latent_dtype=self._store.latent_dtype_for_writes()))
 
     def add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
         nodes = [n for n in nodes if n.get_content().strip()]

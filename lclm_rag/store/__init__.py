@@ -30,7 +30,7 @@ from lclm_rag.hub import lclm_home
 from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, content_hash, directory_bytes, id_for_node, point_id
 from lclm_rag.store.edge import EdgeBackend
 from lclm_rag.store.qdrant import QdrantClientBackend
-from lclm_rag.store.quantize import LATENT_DTYPES, decode, encode
+from lclm_rag.store.quantize import DEFAULT_LATENT_DTYPE, LATENT_DTYPES, decode, encode
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -65,6 +65,10 @@ class LatentStore:
         return cls(name, EdgeBackend(directory))
 
     # -- compressor binding
+    def latent_dtype_for_writes(self) -> str:
+        """The collection's latent type, or, before it exists, the one a new collection gets."""
+        return self.spec.latent_dtype if self.spec is not None else DEFAULT_LATENT_DTYPE
+
     def bind(self, spec: CollectionSpec, shard_number: int | None = None, replication_factor: int | None = None) -> None:
         """Create the collection for ``spec`` or check that it already holds the same compressor's latents."""
         if spec.latent_dtype not in LATENT_DTYPES:
