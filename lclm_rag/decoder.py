@@ -268,15 +268,24 @@ class LatentDecoder(nn.Module):
         label_batch = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
         for i, lab in enumerate(labels):
             label_batch[i, : lab.shape[0]] = lab
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
-        gold = label_batch[:, 1:]
-        token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none")
-        valid = gold != -100
-        per_example = (token_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
-        hits = (logits.argmax(-1) == gold) & valid
+        # logits only where the next token is a target: the vocabulary projection and its softmax are
+        # most of a step's cost on the prompt positions, whose logits no loss reads
+        keep = torch.zeros_like(mask, dtype=torch.bool)
+        keep[:, :-1] = label_batch[:, 1:] != -100
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+        if logits.dim() == 3:  # a model without logits_to_keep returns every position
+            logits = logits[keep]
+        logits = logits.float()
+        gold = label_batch[:, 1:][keep[:, :-1]]
+        row = keep.nonzero()[:, 0]
+        token_loss = nn.functional.cross_entropy(logits, gold, reduction="none")
+        counts = keep.sum(1)
+        per_example = torch.zeros(len(inputs), dtype=token_loss.dtype, device=token_loss.device).index_add(0, row, token_loss)
+        per_example = per_example / counts.clamp(min=1)
+        hits = logits.argmax(-1) == gold
         if per_token:
-            return per_example.mean(), [hits[i][valid[i]] for i in range(hits.shape[0])]
-        return per_example.mean(), hits.sum().item(), valid.sum().item()
+            return per_example.mean(), list(torch.split(hits, counts.tolist()))
+        return per_example.mean(), hits.sum().item(), int(counts.sum())
 
     def forward_logits(self, segments: Sequence[Segment]) -> torch.Tensor:
         """Logits of one prompt (teacher forcing, tests and evaluation)."""

@@ -115,3 +115,32 @@ def test_prompt_templates_and_a_system_turn(model, passages):
         dec.config = model.config
     with pytest.raises(ConfigError, match="prompt_template must be one of"):
         LatentConfig(prompt_template="Context: {passages}")
+
+
+def test_teacher_forcing_on_target_positions_only_equals_the_loss_over_every_position(model, passages):
+    """Logits are computed only where a target token is predicted; loss, hits and gradients match the full projection."""
+    dec = model.decoder
+    latents = model.compress(passages[:3])
+    prompts = [dec.embed(dec.segments("Say it again.", [lat])).detach().requires_grad_() for lat in latents]
+    targets = [passages[0], "Paris.", passages[3]]  # different prompt and target lengths: right padding in between
+
+    def reference():  # every position through the vocabulary projection, then the target positions picked
+        table, eos = dec.model.get_input_embeddings(), dec.tokenizer.eos_token_id
+        losses, hits = [], []
+        for prompt, target in zip(prompts, targets):
+            tgt = torch.tensor(dec.text_ids(target) + [eos])
+            logits = dec.model(inputs_embeds=torch.cat([prompt, table(tgt)])[None]).logits[0, prompt.shape[0] - 1 : -1]
+            losses.append(torch.nn.functional.cross_entropy(logits, tgt))
+            hits.append(logits.argmax(-1) == tgt)
+        return torch.stack(losses).mean(), hits
+
+    loss, per_token = dec.teacher_forced(prompts, targets, per_token=True)
+    grads = torch.autograd.grad(loss, prompts)  # what reaches the projector and the encoder
+    ref_loss, ref_hits = reference()
+    ref_grads = torch.autograd.grad(ref_loss, prompts)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, atol=1e-6, rtol=1e-4)
+    assert [h.tolist() for h in per_token] == [h.tolist() for h in ref_hits]
+    _, correct, total = dec.teacher_forced(prompts, targets)
+    assert (correct, total) == (sum(int(h.sum()) for h in ref_hits), sum(len(h) for h in ref_hits))
