@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_args(p)
     p.add_argument("--checkpoint", help="compressor checkpoint (default: the packaged one)")
     p.add_argument("--latent-dtype", choices=["float16", "uint8"], default=None,
-                   help="how a new collection stores latents (default uint8, a scale and offset per vector: 56% of float16's bytes per 1:4 passage, QA within noise); an existing one keeps its own")
+                   help="how a new collection stores latents (default uint8, a scale and offset per vector: 56%% of float16's bytes per 1:4 passage, QA within noise); an existing one keeps its own")
     p.add_argument("--latents-on-disk", action=argparse.BooleanOptionalAction, default=None,
                    help="a new collection keeps its latents on disk, memory-mapped and read for the hits only (the "
                         "dense index stays in RAM); default in RAM; an existing one keeps its own")

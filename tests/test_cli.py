@@ -52,3 +52,20 @@ def test_cli_policy_choices_are_the_planners():
     from lclm_rag.planning import POLICIES
 
     assert EXPAND_POLICIES == list(POLICIES)
+
+
+def test_every_command_prints_its_help():
+    """argparse formats help strings with %: a literal percent sign must be written %%."""
+    import argparse
+
+    from lclm_rag.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from commands(child)
+
+    helps = [p.format_help() for p in commands(build_parser())]
+    assert len(helps) > 8 and all("usage:" in h for h in helps)
