@@ -363,15 +363,3 @@ class IngestPlan:
 
     pending: list[StoredPassage] = field(default_factory=list)
     stale_by_doc: dict[str, set[str]] = field(default_factory=dict)
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        index, count = (int(x) for x in value.split("/"))
-    except ValueError as exc:
-        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from exc
-    if not 0 <= index < count:
-        raise InputError(f"--shard {value}: need 0 <= i < n")
-    return index, count

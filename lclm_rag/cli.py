@@ -17,10 +17,12 @@ from lclm_rag.cli_args import (
     add_store_args,
     check_engine_args,
     check_question,
+    check_store_path,
     expand_count,
     fraction,
     load_reader,
     open_store,
+    parse_shard,
     use_engine_from_args,
 )
 from lclm_rag.errors import ConfigError, InputError, LclmRagError
@@ -65,13 +67,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from lclm_rag.embedding import Embedder
-    from lclm_rag.ingest.pipeline import Ingestor, parse_shard
-    from lclm_rag.model import load_compressor
-
-    shard = parse_shard(args.shard)
+    shard = parse_shard(args.shard)  # the argument checks first: a mistake fails before the heavy imports
     if args.ray_workers is not None and args.ray is None:
         raise InputError("--ray-workers needs --ray")
+    check_store_path(args)
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.ingest.pipeline import Ingestor
+    from lclm_rag.model import load_compressor
+
     with open_store(args) as store, contextlib.ExitStack() as cleanup:
         encoder = None
         if args.ray is not None:
@@ -98,6 +101,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     check_question(args.question)  # before the heavy imports: a bad question fails at once
     check_engine_args(args)
+    check_store_path(args)
     from lclm_rag.integrations.llama_index import LatentQueryEngine
 
     engine = LatentQueryEngine.from_collection(

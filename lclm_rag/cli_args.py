@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
-from lclm_rag.errors import InputError
+from lclm_rag.errors import InputError, StoreError
 
 MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
 
@@ -19,6 +20,17 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"), help="Qdrant API key (or $QDRANT_API_KEY)")
     p.add_argument("--backend", choices=["auto", "edge", "qdrant"], default="auto",
                    help="edge: Qdrant engine in-process (default); qdrant: qdrant-client (local path or :memory:)")
+
+
+def check_store_path(args: argparse.Namespace) -> None:
+    """A --path that is a file, or an unusable $LCLM_RAG_HOME under the default path, fails before
+    the store, the models and LlamaIndex are imported."""
+    if args.path and Path(args.path).is_file():
+        raise StoreError(f"{args.path} is a file, not a collection directory: choose another --path")
+    if not args.path and not args.qdrant_url:
+        from lclm_rag.hub import lclm_home
+
+        lclm_home()
 
 
 def open_store(args: argparse.Namespace):
@@ -96,3 +108,16 @@ def fraction(value: str, flag: str) -> float:
     if not 0.0 <= number <= 1.0:
         raise InputError(f"{flag}: {number} is not in [0, 1]")
     return number
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """--shard i/n as (i, n); None for no sharding."""
+    if value is None:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError as exc:
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from exc
+    if not 0 <= index < count:
+        raise InputError(f"--shard {value}: need 0 <= i < n")
+    return index, count
