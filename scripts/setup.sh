@@ -40,3 +40,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   unset PYTHONWARNINGS
   touch "$stamp"
 fi
+# the packaged SmolLM2 GGUF, converted once into $LCLM_RAG_HOME (instant when already there), so that
+# neither the first command nor parallel test workers pay for it; its progress bars shown only on failure
+log=$(mktemp)
+.venv/bin/python -c "
+import sys
+from lclm_rag.errors import LclmRagError
+from lclm_rag.hub import DEFAULT_LM, resolve_model
+try:
+    resolve_model(DEFAULT_LM)
+except LclmRagError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    sys.exit(3)" 2>"$log" || { status=$?; grep -v '%|' "$log" >&2; rm -f "$log"; exit $status; }
+rm -f "$log"
