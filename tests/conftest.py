@@ -91,6 +91,12 @@ def model(make_compressor, decoder_parts):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(model, tmp_path_factory) -> str:
+    """``model`` saved as a checkpoint directory: for CLI and subprocess tests of plumbing, not quality."""
+    return str(model.save_pretrained(tmp_path_factory.mktemp("tiny-checkpoint")))
+
+
+@pytest.fixture(scope="session")
 def packaged_model():
     """The packaged 1:4 release: for tests of trained behaviour (mark them slow)."""
     from lclm_rag.model import LatentContextModel

@@ -142,14 +142,13 @@ def _cli(*args, **kw):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("shared_data")
-def test_kill_9_then_rerun_stores_every_passage_exactly_once(tmp_path, model):
+def test_kill_9_then_rerun_stores_every_passage_exactly_once(tmp_path, tiny_checkpoint):
     corpus = tmp_path / "wiki.jsonl"
     with SHARED_WIKI.open() as src:
         corpus.write_text("".join(next(src) for _ in range(30)))
     store_dir = tmp_path / "store"
-    checkpoint = model.save_pretrained(tmp_path / "checkpoint")  # the tiny model: what is tested is the writing
     args = _cli("-v", "ingest", str(corpus), "--collection", "wiki", "--path", str(store_dir), "--chunk-tokens", "48",
-                "--checkpoint", str(checkpoint),
+                "--checkpoint", tiny_checkpoint,  # the tiny model: what is tested is the writing
                 "--overlap", "0", "--batch-size", "4", "--no-progress")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)

@@ -131,14 +131,13 @@ def test_bad_ray_settings_fail_with_one_line_errors():
 
 
 @pytest.mark.slow
-def test_cli_ingest_on_ray_writes_the_collection_the_plain_cli_writes(tmp_path, capsys, model):
+def test_cli_ingest_on_ray_writes_the_collection_the_plain_cli_writes(tmp_path, capsys, tiny_checkpoint):
     from pathlib import Path
 
     from lclm_rag.cli import main
 
     docs = Path(__file__).resolve().parents[1] / "examples" / "docs"
-    checkpoint = model.save_pretrained(tmp_path / "checkpoint")  # the tiny model: the test is of the CLI's wiring
-    args = ["ingest", str(docs), "--collection", "ex", "--checkpoint", str(checkpoint), "--no-progress"]
+    args = ["ingest", str(docs), "--collection", "ex", "--checkpoint", tiny_checkpoint, "--no-progress"]  # the CLI's wiring
     env = dict(os.environ)
     assert main([*args, "--path", str(tmp_path / "plain")]) == 0  # the plain CLI in this process: the reference
     assert "written 9" in capsys.readouterr().out
