@@ -54,10 +54,15 @@ def save_adapter(peft_model, directory: str | Path) -> None:
     peft's default ("auto") asks the hub whether the base model's vocabulary changed, a network
     call on every checkpoint save that fails (with warnings) offline and learns nothing here.
     """
+    peft_model.save_pretrained(str(directory), save_embedding_layers=targets_embeddings(peft_model))
+
+
+def targets_embeddings(peft_model) -> bool:
+    """Does the active adapter target an embedding layer (so its state holds embedding rows)?"""
     from peft.utils.other import EMBEDDING_LAYER_NAMES
 
     targets = peft_model.peft_config[peft_model.active_adapter].target_modules or ()  # a set, or one regex string
-    peft_model.save_pretrained(str(directory), save_embedding_layers=any(name in targets for name in EMBEDDING_LAYER_NAMES))
+    return any(name in targets for name in EMBEDDING_LAYER_NAMES)
 
 
 def add_lora(model, lora: dict):

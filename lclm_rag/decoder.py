@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +28,14 @@ from lclm_rag.prompt import SENTINEL_RE, Segment, Slot, qa_message
 PROJECTOR_WEIGHTS = "projector.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_LORA_DIR = "decoder_lora"
+
+def _same_prefix(a: Sequence[Segment], b: Sequence[Segment], last: int) -> bool:
+    """Do two prompts agree on their first ``last + 1`` segments (the same tokens, the same latents)?"""
+    if len(a) <= last or len(b) <= last:
+        return False
+    return all(x.token_ids == y.token_ids and (x.latents is y.latents or (x.latents is not None and y.latents is not None
+               and torch.equal(x.latents, y.latents))) for x, y in zip(a[: last + 1], b[: last + 1]))
+
 
 def _hidden_size(name_or_path: str) -> int:
     """Width of a model's hidden states, from its config alone (no weights loaded)."""
@@ -215,26 +224,52 @@ class LatentDecoder(nn.Module):
         return self.engine.stream(prompt, GenerationSettings(**settings))
 
     @torch.no_grad()
-    def latent_attention(self, segments: Sequence[Segment]) -> list[float]:
-        """The skim: one prefill, and the attention mass the last prompt position (where the answer
-        starts) puts on each latent passage's span, averaged over layers and heads.
+    def latent_attention(self, segments: Sequence[Segment], calibration: Sequence[Segment] | None = None,
+                         per_head: bool = False) -> list[float] | torch.Tensor:
+        """The skim: the attention mass the question's positions put on each latent passage's span,
+        averaged over those positions, layers and heads (in-context re-ranking, arXiv 2410.02642).
 
-        Runs the decoder with eager attention for this call (fused kernels do not return weights).
+        ``calibration``: the same prompt with a content-free question (`CONTENT_FREE_QUESTION`); its
+        masses are subtracted, which removes the decoder's preference for some spans (the nearest, the
+        longest) whatever is asked. Everything up to the end of the last passage is prefilled once
+        and its KV cache reused for both questions. The question's positions are those after the last
+        passage (question and chat template). Runs with eager attention (fused kernels return no weights).
+        ``per_head``: a (layers, heads, passages) tensor instead of the average (features for a probe).
         """
-        spans, pos = [], 0
-        for seg in segments:
+        spans, pos, last = [], 0, -1
+        for i, seg in enumerate(segments):
             if seg.latents is not None:
                 spans.append((pos, pos + seg.positions))
+                last = i
             pos += seg.positions
+        if last < 0:
+            return torch.zeros(0) if per_head else []
+        if last == len(segments) - 1:
+            raise InputError("nothing follows the last passage: the skim reads the attention of the positions after it")
+        if calibration is not None and not _same_prefix(segments, calibration, last):
+            raise InputError("the calibration prompt must share everything up to the last passage with the question's")
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         previous = base.config._attn_implementation
         base.set_attn_implementation("eager")
         try:
-            out = self.model(inputs_embeds=self.embed(segments)[None], output_attentions=True, use_cache=False)
+            # transformers 5.2x names the KV cache argument and output ``cache``, earlier releases ``past_key_values``
+            name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+            prefix = self.model(inputs_embeds=self.embed(segments[: last + 1])[None], use_cache=True)
+            cache, prefix_len = getattr(prefix, name), spans[-1][1]
+
+            def masses(suffix: Sequence[Segment]) -> torch.Tensor:
+                out = self.model(inputs_embeds=self.embed(suffix)[None], **{name: cache}, output_attentions=True, use_cache=True)
+                cache.crop(prefix_len - cache.get_seq_length())  # back to the shared prefix (a negative crop removes that many)
+                rows = torch.stack([a[0] for a in out.attentions])  # layers, heads, question positions, keys
+                mean = rows.float().mean(2)
+                return torch.stack([mean[..., a:b].sum(-1) for a, b in spans], -1)
+
+            mass = masses(segments[last + 1 :])
+            if calibration is not None:
+                mass = mass - masses(calibration[last + 1 :])
         finally:
             base.set_attn_implementation(previous)
-        mass = torch.stack([a[0, :, -1, :] for a in out.attentions]).float().mean((0, 1))
-        return [float(mass[a:b].sum()) for a, b in spans]
+        return mass if per_head else [float(m) for m in mass.mean((0, 1))]
 
     @torch.no_grad()
     def answer_confidence(self, segments: Sequence[Segment], answer: str) -> float:
@@ -309,7 +344,11 @@ class LatentDecoder(nn.Module):
         if self.config.decoder_lora:
             from peft import get_peft_model_state_dict
 
-            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.model).items()})
+            from lclm_rag.checkpoint import targets_embeddings
+
+            # decided as saving does: peft's "auto" would ask the hub (and warn offline) on every call
+            lora = get_peft_model_state_dict(self.model, save_embedding_layers=targets_embeddings(self.model))
+            state.update({f"lora.{k}": v for k, v in lora.items()})
         return tensor_digest(state)[:32]
 
     def save_trained(self, directory: str | Path) -> None:

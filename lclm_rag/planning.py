@@ -17,9 +17,9 @@ import torch
 
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
-from lclm_rag.prompt import latent_positions
+from lclm_rag.prompt import CONTENT_FREE_QUESTION, latent_positions
 
-POLICIES = ("score", "lexical", "fused", "attention")  # attention: the decoder's skim of the all-latent prompt
+POLICIES = ("score", "lexical", "fused", "attention")  # attention: the decoder's calibrated skim of the all-latent prompt
 FUSED_SCORE_WEIGHT = 0.5  # fused = z(BM25) + 0.5 z(retrieval score): the weight chosen on squadshifts_new_wiki
 
 
@@ -79,9 +79,10 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
 
     ``score``: retrieval order; ``lexical``: BM25 of the question over the retrieved texts;
     ``fused``: both, each standardised over the retrieved set (exact names and numbers from BM25,
-    paraphrase from the dense score); ``attention``: how much the decoder, reading every passage as latents, attends to each one
-    from where its answer starts (one prefill; passages without latents rank first: they are
-    expanded anyway).
+    paraphrase from the dense score); ``attention``: how much the decoder, reading every passage as latents,
+    attends to each one from the question's positions, less what it attends there when asked a
+    content-free question (one prefill of the passages, two of the question; passages without
+    latents rank first: they are expanded anyway).
     """
     if policy not in POLICIES:
         raise InputError(f"expand policy must be one of {POLICIES}, got {policy!r}")
@@ -99,8 +100,10 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
         with_latents = [i for i, p in enumerate(passages) if p.latents is not None]
         keys = [math.inf] * len(passages)
         if with_latents:
-            skim = model.decoder.qa_segments(question, [passages[i].latents for i in with_latents])
-            for i, mass in zip(with_latents, model.decoder.latent_attention(skim), strict=True):
+            latents = [passages[i].latents for i in with_latents]
+            skim = model.decoder.qa_segments(question, latents)
+            calibration = model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents)
+            for i, mass in zip(with_latents, model.decoder.latent_attention(skim, calibration), strict=True):
                 keys[i] = mass
     return sorted(range(len(passages)), key=lambda i: (-keys[i], i))
 

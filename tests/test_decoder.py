@@ -144,3 +144,44 @@ def test_teacher_forcing_on_target_positions_only_equals_the_loss_over_every_pos
     assert [h.tolist() for h in per_token] == [h.tolist() for h in ref_hits]
     _, correct, total = dec.teacher_forced(prompts, targets)
     assert (correct, total) == (sum(int(h.sum()) for h in ref_hits), sum(len(h) for h in ref_hits))
+
+
+def _question_rows_mass(model, segments) -> torch.Tensor:
+    """The skim computed directly: one full prefill, attention of every position after the last passage."""
+    spans, pos = [], 0
+    for seg in segments:
+        if seg.latents is not None:
+            spans.append((pos, pos + seg.positions))
+        pos += seg.positions
+    base = model.decoder.model
+    previous = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        out = model.decoder.model(inputs_embeds=model.decoder.embed(segments)[None], output_attentions=True, use_cache=False)
+    finally:
+        base.set_attn_implementation(previous)
+    rows = torch.stack([a[0, :, spans[-1][1]:, :] for a in out.attentions]).float().mean((0, 1, 2))
+    return torch.stack([rows[a:b].sum() for a, b in spans])
+
+
+def test_the_skim_reuses_the_passages_cache_and_subtracts_the_content_free_question(model, passages):
+    from lclm_rag.prompt import CONTENT_FREE_QUESTION
+
+    with torch.no_grad():
+        latents = model.compress(passages)
+        asked = model.decoder.qa_segments("Who designed the tower?", latents)
+        content_free = model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents)
+        direct, baseline = _question_rows_mass(model, asked), _question_rows_mass(model, content_free)
+    raw = torch.tensor(model.decoder.latent_attention(asked))
+    torch.testing.assert_close(raw, direct, atol=1e-5, rtol=1e-4)
+    assert raw.min() > 0 and raw.sum() < 1
+    calibrated = torch.tensor(model.decoder.latent_attention(asked, content_free))
+    torch.testing.assert_close(calibrated, direct - baseline, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(calibrated, raw)
+    other = model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents[::-1])
+    with pytest.raises(InputError, match="must share everything up to the last passage"):
+        model.decoder.latent_attention(asked, other)
+    per_head = model.decoder.latent_attention(asked, content_free, per_head=True)
+    layers, heads = model.decoder.model.config.num_hidden_layers, model.decoder.model.config.num_attention_heads
+    assert per_head.shape == (layers, heads, len(passages))
+    torch.testing.assert_close(per_head.mean((0, 1)), calibrated, atol=1e-6, rtol=1e-5)
