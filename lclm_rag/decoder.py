@@ -29,6 +29,7 @@ PROJECTOR_WEIGHTS = "projector.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_LORA_DIR = "decoder_lora"
 
+
 def _same_prefix(a: Sequence[Segment], b: Sequence[Segment], last: int) -> bool:
     """Do two prompts agree on their first ``last + 1`` segments (the same tokens, the same latents)?"""
     if len(a) <= last or len(b) <= last:
