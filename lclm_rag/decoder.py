@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,12 @@ from lclm_rag.prompt import SENTINEL_RE, Segment, Slot, qa_message
 PROJECTOR_WEIGHTS = "projector.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_LORA_DIR = "decoder_lora"
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The KV cache's name in a model's forward and outputs: ``cache`` in transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _same_prefix(a: Sequence[Segment], b: Sequence[Segment], last: int) -> bool:
@@ -234,7 +241,7 @@ class LatentDecoder(nn.Module):
         masses are subtracted, which removes the decoder's preference for some spans (the nearest, the
         longest) whatever is asked. Everything up to the end of the last passage is prefilled once
         and its KV cache reused for both questions. The question's positions are those after the last
-        passage (question and chat template). Runs with eager attention (fused kernels return no weights).
+        passage (question and chat template); they run with eager attention (fused kernels return no weights).
         ``per_head``: a (layers, heads, passages) tensor instead of the average (features for a probe).
         """
         spans, pos, last = [], 0, -1
@@ -250,21 +257,22 @@ class LatentDecoder(nn.Module):
         if calibration is not None and not _same_prefix(segments, calibration, last):
             raise InputError("the calibration prompt must share everything up to the last passage with the question's")
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        name = _cache_argument(type(base))
+        # the passages' prefill, the bulk of the work, runs on the fused kernels: only the question
+        # passes need their attention weights
+        prefix = self.model(inputs_embeds=self.embed(segments[: last + 1])[None], use_cache=True)
+        cache, prefix_len = getattr(prefix, name), spans[-1][1]
+
+        def masses(suffix: Sequence[Segment]) -> torch.Tensor:
+            out = self.model(inputs_embeds=self.embed(suffix)[None], **{name: cache}, output_attentions=True, use_cache=True)
+            cache.crop(prefix_len - cache.get_seq_length())  # back to the shared prefix (a negative crop removes that many)
+            rows = torch.stack([a[0] for a in out.attentions])  # layers, heads, question positions, keys
+            mean = rows.float().mean(2)
+            return torch.stack([mean[..., a:b].sum(-1) for a, b in spans], -1)
+
         previous = base.config._attn_implementation
         base.set_attn_implementation("eager")
         try:
-            # transformers 5.2x names the KV cache argument and output ``cache``, earlier releases ``past_key_values``
-            name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-            prefix = self.model(inputs_embeds=self.embed(segments[: last + 1])[None], use_cache=True)
-            cache, prefix_len = getattr(prefix, name), spans[-1][1]
-
-            def masses(suffix: Sequence[Segment]) -> torch.Tensor:
-                out = self.model(inputs_embeds=self.embed(suffix)[None], **{name: cache}, output_attentions=True, use_cache=True)
-                cache.crop(prefix_len - cache.get_seq_length())  # back to the shared prefix (a negative crop removes that many)
-                rows = torch.stack([a[0] for a in out.attentions])  # layers, heads, question positions, keys
-                mean = rows.float().mean(2)
-                return torch.stack([mean[..., a:b].sum(-1) for a, b in spans], -1)
-
             mass = masses(segments[last + 1 :])
             if calibration is not None:
                 mass = mass - masses(calibration[last + 1 :])

@@ -73,6 +73,11 @@ def _standardised(values: Sequence[float]) -> list[float]:
     return [(v - mean) / spread if spread > 0 else 0.0 for v in values]
 
 
+def fused_relevance(bm25: Sequence[float], scores: Sequence[float]) -> list[float]:
+    """The ``fused`` policy's keys: BM25 and the retrieval score, each standardised over the retrieved set."""
+    return [b + FUSED_SCORE_WEIGHT * d for b, d in zip(_standardised(bm25), _standardised(scores), strict=True)]
+
+
 def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
                        model: LatentContextModel | None = None) -> list[int]:
     """Passage indices, most worth expanding first.
@@ -91,9 +96,8 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
     elif policy == "lexical":
         keys = lexical_relevance(question, [p.text for p in passages])
     elif policy == "fused":
-        scores = [p.score if p.score is not None else 0.0 for p in passages]
-        keys = [b + FUSED_SCORE_WEIGHT * d for b, d in zip(_standardised(lexical_relevance(question, [p.text for p in passages])),
-                                                            _standardised(scores), strict=True)]
+        keys = fused_relevance(lexical_relevance(question, [p.text for p in passages]),
+                               [p.score if p.score is not None else 0.0 for p in passages])
     else:
         if model is None:
             raise InputError("the attention policy needs the model")

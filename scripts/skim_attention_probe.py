@@ -29,7 +29,7 @@ from lclm_rag.embedding import Embedder
 from lclm_rag.evaluation.rag import EvalCollection, corpus_documents, doc_id_of
 from lclm_rag.hub import DEFAULT_EMBEDDER
 from lclm_rag.model import LatentContextModel
-from lclm_rag.planning import FUSED_SCORE_WEIGHT, lexical_relevance
+from lclm_rag.planning import fused_relevance, lexical_relevance
 from lclm_rag.prompt import CONTENT_FREE_QUESTION
 
 FEATURE_SETS = {  # name: (per-head attention, mean attention, BM25, retrieval score)
@@ -125,7 +125,7 @@ def main() -> None:
     dev = extract(model, args.eval, args.eval_limit, 0, args.top_k, args.workdir)
     g_train, g_dev = (np.array([r["gold"] for r in rows], dtype=float) for rows in (train, dev))
     bm25, score = (np.array([r[k] for r in dev]) for k in ("bm25", "score"))
-    blind = {"score": score, "lexical": bm25, "fused": _z(bm25) + FUSED_SCORE_WEIGHT * _z(score)}
+    blind = {"score": score, "lexical": bm25, "fused": np.array([fused_relevance(r["bm25"], r["score"]) for r in dev])}
     table = []
     for name, kind in FEATURE_SETS.items():
         w = fit(features(train, kind), g_train, args.l2)
