@@ -15,6 +15,7 @@ from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
 from lclm_rag.cli_args import (
     add_engine_args,
     add_store_args,
+    budget_or_none,
     check_engine_args,
     check_question,
     check_store_path,
@@ -153,6 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if set(modes) - set(known):
         raise InputError(f"unknown modes {sorted(set(modes) - set(known))}; choose from {', '.join(known)}")
     thresholds = [fraction(t, "--auto-thresholds") for t in args.auto_thresholds.split(",")]
+    budgets = [budget_or_none(b, "--token-budgets") for b in args.token_budgets.split(",")]
     if args.latent_dtype is not None and not args.gold:
         raise InputError("--latent-dtype applies to --gold (a RAG run reads the latents its collection stores)")
     if not Path(args.data).is_file():
@@ -172,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = run_rag_eval(args.data, readers, modes, limit=args.limit, seed=args.seed, top_k=args.top_k,
                               expand=args.expand, expand_policy=args.policy.split(","),
-                              auto_thresholds=thresholds, auto_policy=args.auto_policy,
+                              auto_thresholds=thresholds, auto_policy=args.auto_policy, token_budgets=budgets,
                               max_new_tokens=args.max_new_tokens, workdir=args.workdir, output=args.output, resume=args.resume)
         if args.plot:
             plot_quality_cost(result, args.plot, cost={"ttft": "ttft_s", "positions": "prompt_positions"}[args.plot_x])
@@ -329,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="lexical",
                    help="comma-separated expansion policies (score, lexical, fused, attention): the expand mode runs once per "
                         "policy")
+    p.add_argument("--token-budgets", default="none",
+                   help="comma-separated decoder position budgets ('none': no budget): the expand mode runs once per "
+                        "budget, dropping the lowest-ranked latents to make room for the expansion")
     p.add_argument("--auto-thresholds", default="0.5",
                    help="comma-separated confidence thresholds: the auto mode runs once per threshold")
     p.add_argument("--auto-policy", choices=EXPAND_POLICIES, default=None,

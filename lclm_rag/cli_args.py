@@ -110,6 +110,19 @@ def fraction(value: str, flag: str) -> float:
     return number
 
 
+def budget_or_none(value: str, flag: str) -> int | None:
+    """A positive number of decoder positions, or ``none`` for no budget."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise InputError(f"{flag}: {value!r} is neither a number of positions nor 'none'") from None
+    if number <= 0:
+        raise InputError(f"{flag}: {number} positions hold nothing; give a positive budget or 'none'")
+    return number
+
+
 def parse_shard(value: str | None) -> tuple[int, int] | None:
     """--shard i/n as (i, n); None for no sharding."""
     if value is None:

@@ -17,7 +17,7 @@ import torch
 
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
-from lclm_rag.prompt import CONTENT_FREE_QUESTION, latent_positions
+from lclm_rag.prompt import CONTENT_FREE_QUESTION
 
 POLICIES = ("score", "lexical", "fused", "attention")  # attention: the decoder's calibrated skim of the all-latent prompt
 FUSED_SCORE_WEIGHT = 0.5  # fused = z(BM25) + 0.5 z(retrieval score): the weight chosen on squadshifts_new_wiki
@@ -156,8 +156,12 @@ def prefill_cost(model: LatentContextModel, short: int = 64, long: int = 512) ->
 
 def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Passage], expand: int = 0,
                 policy: str = "score", token_budget: int | None = None, latency_budget_s: float | None = None) -> Plan:
-    """Choose the expanded passages; with ``token_budget`` fit the prompt into that many positions,
-    expanding the best passages first and dropping the lowest-ranked if even latents do not fit.
+    """Choose the expanded passages; with ``token_budget`` fit the prompt into that many positions.
+
+    With a budget, ``expand=n`` puts the n best-ranked passages in as text ahead of the lower-ranked
+    ones' latents, which are dropped from the bottom to make room (one passage as text is worth more
+    than a few as latents: F1 0.315 against 0.166 on SQuAD, ``docs/benchmarks.md``); ``expand=0``
+    expands as many as fit, the best first, and drops latents only if even they do not fit.
     ``latency_budget_s`` (time to first token) becomes a position budget at the engine's measured
     prefill cost (``prefill_cost``); with both, the tighter one holds."""
     if latency_budget_s is not None:
@@ -170,32 +174,35 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
     if expand < 0:
         raise InputError(f"expand must be >= 0, got {expand}")
     ranking = rank_for_expansion(question, passages, policy, model) if expand or token_budget is not None else list(range(len(passages)))
-    text_cost = [len(model.decoder.text_ids(p.text)) for p in passages]
-    latent_cost = [latent_positions(p.latents.shape[0]) if p.latents is not None else math.inf for p in passages]
     overhead = sum(s.positions for s in model.decoder.qa_segments(question, []))
     context = model.decoder.max_positions
     if context is not None and overhead >= context:
         raise InputError(f"the question takes {overhead:,} decoder positions; the decoder reads {context:,} in all "
                          "(shorten the question)")
-    per_slot = 8  # "[i] " and separators around each passage, upper bound
     plan = Plan(order=list(range(len(passages))))
     must_expand = {i for i, p in enumerate(passages) if p.latents is None}
     if token_budget is None:
         plan.expanded = set(ranking[:expand]) | must_expand
     else:
-        cost = lambda i: (text_cost[i] if i in plan.expanded else latent_cost[i]) + per_slot
+        def fits(expanded: set[int], dropped: set[int]) -> bool:
+            """Does the prompt fit? Counted on the prompt itself: tokenizing it costs ~1 ms, decoding it seconds."""
+            slots = [p.text if i in expanded else p.latents for i, p in enumerate(passages) if i not in dropped]
+            return model.prompt_positions(model.decoder.qa_segments(question, slots)) <= token_budget
+
         plan.expanded = set(must_expand)
-        for worst in reversed(ranking):  # drop from the bottom until everything fits as latents
-            if overhead + sum(cost(i) for i in plan.order if i not in plan.dropped) <= token_budget:
+        for rank, i in enumerate(ranking):  # the ``expand`` best go in as text ahead of lower-ranked latents
+            if len(plan.expanded - must_expand) >= expand:
+                break
+            if i not in plan.expanded and fits(plan.expanded | {i}, set(ranking[rank + 1:])):
+                plan.expanded.add(i)
+        for worst in reversed(ranking):  # drop from the bottom until everything fits
+            if fits(plan.expanded, plan.dropped):
                 break
             plan.dropped.add(worst)
         if len(plan.dropped) == len(passages):
             raise InputError(f"token_budget={token_budget} cannot hold even one passage as latents")
-        for i in ranking:  # then expand the best while the budget allows
-            if i in plan.dropped or i in plan.expanded or len(plan.expanded - must_expand) >= (expand or len(passages)):
-                continue
-            extra = text_cost[i] - latent_cost[i]
-            if overhead + sum(cost(j) for j in plan.order if j not in plan.dropped) + extra <= token_budget:
+        for i in ranking if not expand else ():  # expand=0: as many as fit, the best first, dropping none
+            if i not in plan.dropped and i not in plan.expanded and fits(plan.expanded | {i}, plan.dropped):
                 plan.expanded.add(i)
     plan.order = [i for i in plan.order if i not in plan.dropped]
     return plan
@@ -246,6 +253,7 @@ def decide_expansion(model: LatentContextModel, question: str, passages: Sequenc
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"the auto-expand threshold must be in [0, 1], got {threshold}")
     skim_plan = plan_prompt(model, question, passages, expand=0, token_budget=token_budget, latency_budget_s=latency_budget_s)
+    skim_plan.expanded = {i for i in skim_plan.expanded if passages[i].latents is None}  # the skim reads latents only
     segments = build_segments(model, question, passages, skim_plan)
     text = answer(segments) if answer else generate(model, segments, max_new_tokens=max_new_tokens, **gen)
     confidence = model.decoder.answer_confidence(segments, text)

@@ -177,7 +177,31 @@ def test_rag_eval_resumes_an_interrupted_run(tmp_path, model):
     assert json.loads(Path(f"{out}.previous.json").read_text()) == marked  # the replaced results are not lost
 
 
+@pytest.mark.usefixtures("shared_data")
+def test_rag_eval_expands_within_each_token_budget_and_resumes_with_more_policies(tmp_path, model):
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:120:30]]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kwargs = dict(limit=3, seed=2, top_k=3, max_new_tokens=3, workdir=tmp_path / "work", output=tmp_path / "eval.json", progress=False)
+    first = run_rag_eval(data, [model], ["latent", "expand"], expand_policy="lexical", **kwargs)
+    rows = {r["mode"]: r for r in first["scores"]}
+    budget = int(rows["latent 1:4 top-3"]["prompt_positions"]) + 40  # above the all-latent prompt, below the expansion
+    result = run_rag_eval(data, [model], ["latent", "expand"], expand_policy=["lexical", "score"], token_budgets=[None, budget],
+                          resume=True, **kwargs)
+    rows = {r["mode"]: r for r in result["scores"]}
+    assert list(rows) == ["latent 1:4 top-3", "expand 1 of 3 (lexical) @1:4", f"expand 1 of 3 (lexical) @1:4 within {budget} positions",
+                          "expand 1 of 3 (score) @1:4", f"expand 1 of 3 (score) @1:4 within {budget} positions"]
+    assert result["predictions"]["expand 1 of 3 (lexical) @1:4"] == first["predictions"]["expand 1 of 3 (lexical) @1:4"]
+    assert "redone" not in result  # the finished modes were kept: adding policies and budgets is the same evaluation
+    for policy in ("lexical", "score"):
+        fitted = rows[f"expand 1 of 3 ({policy}) @1:4 within {budget} positions"]
+        assert fitted["prompt_positions"] <= budget < rows[f"expand 1 of 3 ({policy}) @1:4"]["prompt_positions"]
+        assert fitted["passages_expanded"] == 1  # the expansion stays; lower-ranked latents made room
+
+
 def test_rag_eval_errors(tmp_path, model):
+    with pytest.raises(InputError, match="token budgets must be positive"):
+        run_rag_eval(tmp_path / "x.jsonl", [model], ["expand"], token_budgets=[0])
     with pytest.raises(InputError, match="resume continues the run saved in output"):
         run_rag_eval(tmp_path / "x.jsonl", [model], ["none"], resume=True)
     with pytest.raises(InputError, match="unknown modes"):

@@ -65,14 +65,18 @@ def test_expand_changes_what_the_decoder_receives(store, embedder, model):
     text_positions = len(model.decoder.text_ids(top.node.get_content()))
     grown = b.metadata["prompt_positions"] - a.metadata["prompt_positions"]
     assert abs(grown - (text_positions - latent_positions)) <= 2  # inline tokenization may merge a token at the edges
-    # a latency budget that only the skim fits in keeps every passage latent; a roomy one lets expand=3 expand all
+    # a latency budget one position short of that prompt keeps the expansion and drops the lowest-ranked latents;
+    # a roomy one lets expand=3 expand all
     from lclm_rag.planning import prefill_cost
 
     cost = prefill_cost(model)
-    tight = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=3, max_new_tokens=4,
-                                        latency_budget_s=cost.fixed_s + cost.per_position_s * (a.metadata["prompt_positions"] + 5))
+    short = b.metadata["prompt_positions"] - 1
+    tight = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=1, max_new_tokens=4,
+                                        latency_budget_s=cost.fixed_s + cost.per_position_s * (short + 0.5)).query(QUESTION)
+    assert tight.metadata["expanded"] == [top.node.node_id] and tight.metadata["prompt_positions"] <= short
+    assert [p["mode"] for p in tight.metadata["passages"]] == ["text", "latent", "dropped"]
     roomy = LatentQueryEngine.from_args(retriever=retriever, model=model, expand=3, max_new_tokens=4, latency_budget_s=1e6)
-    assert tight.query(QUESTION).metadata["expanded"] == [] and len(roomy.query(QUESTION).metadata["expanded"]) == 3
+    assert len(roomy.query(QUESTION).metadata["expanded"]) == 3
 
 
 def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embedder):

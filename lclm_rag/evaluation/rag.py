@@ -89,11 +89,11 @@ class EvalCollection:
         hits = self.store.search(self.embed.embed([question])[0], self.top_k, with_latents=True)
         return [Passage(h.id, h.text, h.score, h.latents, "stored", doc_id=h.payload.get("doc_id")) for h in hits]
 
-    def ask(self, question: str, expand: int, policy: str, max_new_tokens: int) -> Asked:
-        """Retrieve, plan (``expand`` passages as text), generate; timing the first new token."""
+    def ask(self, question: str, expand: int, policy: str, max_new_tokens: int, token_budget: int | None = None) -> Asked:
+        """Retrieve, plan (``expand`` passages as text, within ``token_budget``), generate; timing the first new token."""
         start = time.perf_counter()
         passages = self.retrieve(question)
-        plan = plan_prompt(self.model, question, passages, expand, policy)
+        plan = plan_prompt(self.model, question, passages, expand, policy, token_budget=token_budget)
         segments = build_segments(self.model, question, passages, plan)
         text, first = _generate(self.model, segments, max_new_tokens)
         return Asked(text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages], len(plan.expanded),
@@ -143,9 +143,9 @@ Job = tuple[str, Callable[[dict], Asked], Callable, dict]  # label, ask(record),
 
 
 def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand: int, policies: Sequence[str],
-          thresholds: Sequence[float], auto_policy: str, max_new_tokens: int) -> list[Job]:
+          thresholds: Sequence[float], auto_policy: str, max_new_tokens: int, budgets: Sequence[int | None] = (None,)) -> list[Job]:
     """The (label, ask, context, inputs) of every mode, per ratio where the mode reads latents;
-    ``expand`` once per policy, ``auto`` once per threshold (expanding by ``auto_policy``)."""
+    ``expand`` once per policy and token budget, ``auto`` once per threshold (expanding by ``auto_policy``)."""
     main = setups[0]
     base_model = main.model  # its decoder with adapters disabled is "the base decoder"
     base = {"decoder": base_model.config.decoder}
@@ -173,9 +173,9 @@ def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand
                                     contextlib.nullcontext, {**base, **main.retrieval, "reader": main.reads["reader"]})],
         "latent": lambda s: [(f"latent {s.label} top-{top_k}", lambda r: s.ask(r["question"], 0, policy, max_new_tokens),
                               contextlib.nullcontext, {**base, **s.retrieval, **s.reads})],
-        "expand": lambda s: [(f"expand {expand} of {top_k} ({p}) @{s.label}",
-                              lambda r, p=p: s.ask(r["question"], expand, p, max_new_tokens),
-                              contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for p in policies],
+        "expand": lambda s: [(f"expand {expand} of {top_k} ({p}) @{s.label}" + (f" within {b} positions" if b else ""),
+                              lambda r, p=p, b=b: s.ask(r["question"], expand, p, max_new_tokens, b),
+                              contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for p in policies for b in budgets],
         "auto": lambda s: [(f"auto < {t:g}: expand {expand} ({auto_policy}) @{s.label}",
                             lambda r, t=t: s.ask_auto(r["question"], t, expand, auto_policy, max_new_tokens),
                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for t in thresholds],
@@ -235,7 +235,8 @@ def _mean(values: Sequence[float]) -> float:
 
 def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
                  seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str | Sequence[str] = "lexical",
-                 auto_thresholds: Sequence[float] = (0.5,), auto_policy: str | None = None, max_new_tokens: int = 32,
+                 auto_thresholds: Sequence[float] = (0.5,), auto_policy: str | None = None,
+                 token_budgets: Sequence[int | None] = (None,), max_new_tokens: int = 32,
                  workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
                  resume: bool = False, save_every: int = 20, progress: bool = True) -> dict:
     """Ingest the distinct contexts of ``data`` into a fresh collection per checkpoint, then answer a
@@ -246,7 +247,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     the LongLLMLingua budget (its latent positions for the same retrieved passages) and provides
     the base decoder. Returns (and writes to ``output``) scores, predictions and the machine.
 
-    ``expand`` runs once per policy in ``expand_policy`` (one name or several) and ``auto`` once
+    ``expand`` runs once per policy in ``expand_policy`` (one name or several) and token budget in
+    ``token_budgets`` (None: no budget; a number: the lowest-ranked latents make room, `plan_prompt`), and ``auto`` once
     per threshold in ``auto_thresholds`` (expanding ``expand`` passages by ``auto_policy``, default
     the first of ``expand_policy``), so one
     run draws the quality-cost curve of skim-then-expand beside its references.
@@ -269,6 +271,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     auto_policy = auto_policy or (policies[0] if policies else None)
     if not policies or set(policies + [auto_policy]) - set(POLICIES):
         raise InputError(f"expand policies must be some of {POLICIES}, got {policies} (auto: {auto_policy})")
+    if not token_budgets or any(b is not None and b <= 0 for b in token_budgets):
+        raise InputError(f"token budgets must be positive numbers of positions or None, got {list(token_budgets)}")
     if any(not 0.0 <= t <= 1.0 for t in auto_thresholds):
         raise InputError(f"auto thresholds must lie in [0, 1], got {list(auto_thresholds)}")
     unknown = set(modes) - set(RAG_MODES)
@@ -287,10 +291,10 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     documents = corpus_documents(all_records)
     setups = [EvalCollection(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
                      embedder or DEFAULT_EMBEDDER, top_k, progress) for c in checkpoints]
-    jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), auto_policy, max_new_tokens)
+    jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), auto_policy, max_new_tokens, list(token_budgets))
     result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},
               "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy if isinstance(expand_policy, str) else policies,
-              "auto_thresholds": list(auto_thresholds), "max_new_tokens": max_new_tokens,
+              "auto_thresholds": list(auto_thresholds), "token_budgets": list(token_budgets), "max_new_tokens": max_new_tokens,
               "checkpoints": {s.label: s.model.fingerprint() for s in setups},
               "readers": {s.label: s.reads["reader"] for s in setups},
               "ingested": {s.label: s.ingested for s in setups}, "machine": machine_info(), "scores": [], "predictions": {},
@@ -317,7 +321,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     return result
 
 
-_RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "expand_policy", "max_new_tokens")
+_RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "max_new_tokens")  # policies and budgets are in the mode labels
 
 
 def _resumable(previous: dict, fresh: dict, output) -> dict:
