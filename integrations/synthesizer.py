@@ -40,7 +40,9 @@ class LatentSynthesizer(BaseSynthesizer):
     ``auto_threshold`` expand the ``auto_expand`` best passages (under ``expand_policy``) and
     answer again; ``metadata["auto"]`` says what was decided and why. ``token_budget`` (decoder
     positions) and ``latency_budget_s`` (time to first token, at the engine's measured prefill
-    cost) cap how many passages can be expanded.
+    cost) bound the prompt: the ``expand`` best passages go in as text ahead of lower-ranked
+    latents, which are dropped to make room (``mode: "dropped"`` in the metadata); with
+    ``expand=0``, as many passages are expanded as fit.
     """
 
     def __init__(self, model: LatentContextModel, *, cache: LatentCache | None = None, store: LatentStore | None = None,

@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "score, BM25 of the question, both fused, or the decoder's attention when it skims the latents")
     p.add_argument("--auto-threshold", type=float, default=0.5,
                    help="--expand auto: expand when the latent answer's confidence (mean token probability) is below this")
-    p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions")
+    p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions: the --expand best "
+                   "go in as text, the lowest-ranked latents make room (without --expand: as many expanded as fit)")
     p.add_argument("--latency-budget", type=float, metavar="SECONDS",
                    help="expand only as many passages as keep the time to first token within this (measured prefill cost)")
     p.add_argument("--max-new-tokens", type=int, default=64)

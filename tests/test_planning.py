@@ -142,6 +142,10 @@ def test_auto_expansion_follows_its_threshold(model, passages):
         assert not decision.expanded and not decision.plan.expanded and 0 < decision.confidence <= 1
     always = decide_expansion(model, question, ps, threshold=1.0, expand=2, policy="score", max_new_tokens=4)
     assert always.expanded and always.plan.expanded == {1, 2} and "threshold 1" in always.reason
+    roomy = decide_expansion(model, question, ps, threshold=0.0, token_budget=10_000, max_new_tokens=4)
+    assert not roomy.plan.expanded  # a budget that could hold every text still skims latents only
+    assert decide_expansion(model, question, ps, threshold=1.0, expand=1, policy="score", token_budget=10_000,
+                            max_new_tokens=4).plan.expanded == {1}
     with pytest.raises(InputError, match="threshold must be in"):
         decide_expansion(model, question, ps, threshold=1.5)
 
