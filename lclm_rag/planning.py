@@ -185,7 +185,7 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
         plan.expanded = set(ranking[:expand]) | must_expand
     else:
         def fits(expanded: set[int], dropped: set[int]) -> bool:
-            """Does the prompt fit? Counted on the prompt itself: tokenizing it costs ~1 ms, decoding it seconds."""
+            """Does the prompt fit? Counted on the prompt itself: tokenizing it takes ~2 ms, decoding it seconds."""
             slots = [p.text if i in expanded else p.latents for i, p in enumerate(passages) if i not in dropped]
             return model.prompt_positions(model.decoder.qa_segments(question, slots)) <= token_budget
 
