@@ -31,6 +31,10 @@ def test_eval_rejects_unknown_modes_and_missing_data(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl"), "--modes", "auto",
                           "--auto-thresholds", "0.3,high"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --auto-thresholds: 'high' is not a number"]
+    for budgets, message in (("none,many", "'many' is neither a number of positions nor 'none'"), ("0", "0 positions hold nothing")):
+        res = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "eval", str(tmp_path / "none.jsonl"), "--modes", "expand",
+                              "--token-budgets", budgets], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
 
 
 @pytest.mark.slow
