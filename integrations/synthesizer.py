@@ -30,6 +30,7 @@ from lclm_rag import planning
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.prompt import latent_positions
+from lclm_rag.skim import skim_probe
 from lclm_rag.store import LatentStore
 
 
@@ -58,6 +59,8 @@ class LatentSynthesizer(BaseSynthesizer):
         super().__init__(llm=MockLLM(), callback_manager=callback_manager, streaming=streaming)
         if store is not None:
             store.require(model.fingerprint())
+        if expand_policy == "skim":
+            skim_probe(model)  # the checkpoint's fitted probe, or a clear error now rather than at the first query
         self._model, self._store = model, store
         self.use_cache(cache or SHARED_CACHE)
         self.expand, self.expand_policy, self.token_budget = expand, expand_policy, token_budget

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from lclm_rag.cli_args import (
     load_reader,
     open_store,
     parse_shard,
+    quiet_progress_bars,
     use_engine_from_args,
 )
 from lclm_rag.errors import ConfigError, InputError, LclmRagError
@@ -36,7 +36,7 @@ SAMPLE_PASSAGE = (
 )
 SAMPLE_QUESTION = "Who is the Eiffel Tower named after?"
 EXIT_PARTIAL = 1  # ingest finished, but some sources could not be read (listed on stderr)
-EXPAND_POLICIES = ["score", "lexical", "fused", "attention"]  # lclm_rag.planning.POLICIES, without importing torch to parse
+EXPAND_POLICIES = ["score", "lexical", "fused", "attention", "skim"]  # lclm_rag.planning.POLICIES, without importing torch to parse
 EXIT_USAGE = 2  # bad arguments or input (argparse uses 2 too)
 EXIT_ENVIRONMENT = 3  # the store, a model, a checkpoint or a path is not usable
 FILE_TYPES = """file types: text (.txt .md .markdown .rst .html .htm .xml .csv, or no extension; UTF-8), JSON and
@@ -228,6 +228,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_skim_probe(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from lclm_rag.model import load_model
+    from lclm_rag.training.skim_probe import fit_skim_probe
+
+    missing = [d for d in args.data if not Path(d).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no such file")
+    if args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    model = load_model(args.checkpoint)
+    output = args.output or model.directory
+    if output is None:
+        raise InputError("--output is needed: the model was not loaded from a checkpoint directory")
+    with tempfile.TemporaryDirectory(prefix="lclm-rag-skim-") as temp:
+        probe = fit_skim_probe(model, args.data, args.limit, seed=args.seed, top_k=args.top_k, l2=args.l2,
+                               workdir=args.workdir or temp)
+    print(f"skim probe for reader {probe.reader[:12]} ({probe.trained_on}): {probe.save_pretrained(output)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from lclm_rag.evaluation import bench
 
@@ -305,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passages expanded back to raw text, or 'auto': answer from latents, expand only when unsure")
     p.add_argument("--policy", choices=EXPAND_POLICIES, default=None,
                    help="which passages to expand first (default: score; attention with --expand auto): retrieval "
-                        "score, BM25 of the question, both fused, or the decoder's attention when it skims the latents")
+                        "score, BM25 of the question, both fused, the decoder's attention when it skims the latents, "
+                        "or the checkpoint's fitted skim probe (lclm-rag fit-skim-probe)")
     p.add_argument("--auto-threshold", type=float, default=0.5,
                    help="--expand auto: expand when the latent answer's confidence (mean token probability) is below this")
     p.add_argument("--token-budget", type=int, help="fit the decoder prompt into this many positions: the --expand best "
@@ -326,11 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dtype", choices=["float16", "uint8"],
                    help="--gold: latents as a collection of this type gives them back (default: as the encoder made them)")
     p.add_argument("--expansion-recall", action="store_true",
-                   help="how often each expansion policy (score, lexical, fused, attention) expands the gold passage, top-k retrieval")
+                   help="how often each expansion policy (score, lexical, fused, attention, skim) expands the gold passage, top-k retrieval")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand and auto modes")
     p.add_argument("--policy", default="lexical",
-                   help="comma-separated expansion policies (score, lexical, fused, attention): the expand mode runs once per "
+                   help="comma-separated expansion policies (score, lexical, fused, attention, skim): the expand mode runs once per "
                         "policy")
     p.add_argument("--token-budgets", default="none",
                    help="comma-separated decoder position budgets ('none': no budget): the expand mode runs once per "
@@ -374,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="with --evaluate: write the results as JSON here")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("fit-skim-probe", help="fit the skim expansion policy's probe on training QA files, saved beside the checkpoint")
+    p.add_argument("data", nargs="+", help="JSONL files with context, question, answers (training splits, never the evaluation one)")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the packaged one)")
+    p.add_argument("--limit", type=int, default=1200, help="questions sampled from each file")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--l2", type=float, default=0.01)
+    p.add_argument("--workdir", help="keep the collections and features here (a refit reuses them)")
+    p.add_argument("--output", help="directory of the probe file (default: the checkpoint's)")
+    p.set_defaults(func=cmd_fit_skim_probe)
+
     p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")
     p.add_argument("--checkpoint")
     p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "engines", "capacity", "all"], default="all",
@@ -389,23 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_progress_bars() -> None:
-    """No model-loading or download bars (transformers and huggingface_hub read this flag when
-    imported). Set through the environment, since importing transformers here would add ~2 s to
-    every call, an instant error included; directly where transformers is already loaded."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    else:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
-        _quiet_progress_bars()
+        quiet_progress_bars()
     try:
         return args.func(args)
     except (InputError, ConfigError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from lclm_rag.errors import InputError, StoreError
@@ -134,3 +135,15 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     if not 0 <= index < count:
         raise InputError(f"--shard {value}: need 0 <= i < n")
     return index, count
+
+
+def quiet_progress_bars() -> None:
+    """No model-loading or download bars (transformers and huggingface_hub read this flag when
+    imported). Set through the environment, since importing transformers here would add ~2 s to
+    every call, an instant error included; directly where transformers is already loaded."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

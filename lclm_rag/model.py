@@ -32,6 +32,7 @@ class LatentContextModel(nn.Module):
             raise ConfigError(f"the compressor's latents are {self.compressor.config.encoder_hidden_size}-d but the "
                               f"decoder's projector reads {self.config.encoder_hidden_size}-d")
         self.compressor.config = self.config
+        self.directory: Path | None = None  # the checkpoint directory it was loaded from (files saved beside it)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -56,6 +57,7 @@ class LatentContextModel(nn.Module):
         if overrides:
             config = LatentConfig.from_dict({**config.to_dict(), **overrides})
         model = cls(config)
+        model.directory = directory
         if is_lclm_layout(directory):
             model.decoder.load_trained(directory, projector_file=LCLM_ADAPTER)
         else:

@@ -18,8 +18,10 @@ import torch
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.prompt import CONTENT_FREE_QUESTION
+from lclm_rag.skim import skim_probe
 
-POLICIES = ("score", "lexical", "fused", "attention")  # attention: the decoder's calibrated skim of the all-latent prompt
+POLICIES = ("score", "lexical", "fused", "attention", "skim")  # attention: the decoder's calibrated skim of the
+# all-latent prompt; skim: a probe fitted on a training split over that skim's heads, BM25 and the score (`lclm_rag.skim`)
 FUSED_SCORE_WEIGHT = 0.5  # fused = z(BM25) + 0.5 z(retrieval score): the weight chosen on squadshifts_new_wiki
 
 
@@ -86,8 +88,9 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
     ``fused``: both, each standardised over the retrieved set (exact names and numbers from BM25,
     paraphrase from the dense score); ``attention``: how much the decoder, reading every passage as latents,
     attends to each one from the question's positions, less what it attends there when asked a
-    content-free question (one prefill of the passages, two of the question; passages without
-    latents rank first: they are expanded anyway).
+    content-free question (one prefill of the passages, two of the question); ``skim``: the same
+    skim's masses per layer and head, weighed by the model's fitted probe beside BM25 and the
+    retrieval score. Passages without latents rank first under both: they are expanded anyway.
     """
     if policy not in POLICIES:
         raise InputError(f"expand policy must be one of {POLICIES}, got {policy!r}")
@@ -100,15 +103,22 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
                                [p.score if p.score is not None else 0.0 for p in passages])
     else:
         if model is None:
-            raise InputError("the attention policy needs the model")
+            raise InputError(f"the {policy} policy needs the model")
+        probe = skim_probe(model) if policy == "skim" else None
         with_latents = [i for i, p in enumerate(passages) if p.latents is not None]
         keys = [math.inf] * len(passages)
         if with_latents:
             latents = [passages[i].latents for i in with_latents]
             skim = model.decoder.qa_segments(question, latents)
             calibration = model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents)
-            for i, mass in zip(with_latents, model.decoder.latent_attention(skim, calibration), strict=True):
-                keys[i] = mass
+            heads = model.decoder.latent_attention(skim, calibration, per_head=True)
+            if probe is None:
+                relevance = heads.mean((0, 1)).tolist()
+            else:
+                read = [passages[i] for i in with_latents]
+                relevance = probe.scores(heads, lexical_relevance(question, [p.text for p in read]), [p.score for p in read])
+            for i, r in zip(with_latents, relevance, strict=True):
+                keys[i] = r
     return sorted(range(len(passages)), key=lambda i: (-keys[i], i))
 
 

@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lclm_rag.data import load_jsonl, sample_records
-from lclm_rag.embedding import Embedder
-from lclm_rag.evaluation.rag import EvalCollection, corpus_documents, doc_id_of
-from lclm_rag.hub import DEFAULT_EMBEDDER
 from lclm_rag.model import LatentContextModel
-from lclm_rag.planning import fused_relevance, lexical_relevance
-from lclm_rag.prompt import CONTENT_FREE_QUESTION
+from lclm_rag.planning import fused_relevance
+from lclm_rag.skim import fit_listwise
+from lclm_rag.training.skim_probe import skim_examples
 
 FEATURE_SETS = {  # name: (per-head attention, mean attention, BM25, retrieval score)
     "attention (mean of heads)": (False, True, False, False),
@@ -39,29 +36,6 @@ FEATURE_SETS = {  # name: (per-head attention, mean attention, BM25, retrieval s
     "BM25 + score + attention (mean)": (False, True, True, True),
     "BM25 + score + attention probe": (True, False, True, True),
 }
-
-
-def extract(model, data: Path, limit: int, seed: int, top_k: int, workdir: Path) -> list[dict]:
-    cache = workdir / f"features_{data.stem}_{limit}_{seed}_{model.fingerprint()[:8]}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    records = sample_records(data, limit, seed=seed)
-    collection = EvalCollection(model, corpus_documents(load_jsonl(data)), workdir / data.stem, Embedder(DEFAULT_EMBEDDER),
-                                DEFAULT_EMBEDDER, top_k, True)  # one collection per file's contexts
-    rows = []
-    try:
-        with torch.no_grad():
-            for record in records:
-                passages = collection.retrieve(record["question"])
-                latents = [p.latents for p in passages]
-                heads = model.decoder.latent_attention(model.decoder.qa_segments(record["question"], latents),
-                                                       model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents), per_head=True)
-                rows.append({"gold": [p.doc_id == doc_id_of(record["context"]) for p in passages], "score": [p.score for p in passages],
-                             "bm25": lexical_relevance(record["question"], [p.text for p in passages]), "heads": heads.tolist()})
-    finally:
-        collection.store.close()
-    cache.write_text(json.dumps(rows))
-    return rows
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -86,21 +60,7 @@ def features(rows: list[dict], kind: tuple[bool, bool, bool, bool]) -> np.ndarra
 
 
 def fit(x: np.ndarray, gold: np.ndarray, l2: float) -> np.ndarray:
-    """Listwise softmax regression: the gold passage's probability among the retrieved, L2-penalised."""
-    keep = gold.sum(1) > 0
-    xt = torch.tensor(x[keep], dtype=torch.float64)
-    target = torch.tensor(gold[keep] / gold[keep].sum(1, keepdims=True), dtype=torch.float64)
-    w = torch.zeros(x.shape[-1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = -(target * torch.log_softmax(xt @ w, 1)).sum(1).mean() + l2 * (w**2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().numpy()
+    return fit_listwise(list(torch.tensor(x)), gold.astype(bool).tolist(), l2).numpy()
 
 
 def hits(keys: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
@@ -121,8 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = LatentContextModel.from_pretrained(args.checkpoint).eval()
-    train = extract(model, args.train, args.train_limit, 1, args.top_k, args.workdir)
-    dev = extract(model, args.eval, args.eval_limit, 0, args.top_k, args.workdir)
+    train = skim_examples(model, args.train, args.train_limit, seed=1, top_k=args.top_k, workdir=args.workdir)
+    dev = skim_examples(model, args.eval, args.eval_limit, seed=0, top_k=args.top_k, workdir=args.workdir)
     g_train, g_dev = (np.array([r["gold"] for r in rows], dtype=float) for rows in (train, dev))
     bm25, score = (np.array([r[k] for r in dev]) for k in ("bm25", "score"))
     blind = {"score": score, "lexical": bm25, "fused": np.array([fused_relevance(r["bm25"], r["score"]) for r in dev])}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lclm_rag.data import sample_records
-from lclm_rag.errors import InputError
+from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.evaluation import (
     RAG_MODES,
     answer_contained,
@@ -216,6 +216,11 @@ def test_rag_eval_errors(tmp_path, model):
     bad.write_text(json.dumps({"context": "c", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="record 0 needs context, question and non-empty answers"):
         run_rag_eval(bad, [model], ["none"])
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n")
+    with pytest.raises(ConfigError, match="this model was not loaded from a checkpoint directory"):  # before any ingestion
+        run_rag_eval(good, [model], ["expand"], expand_policy=["lexical", "skim"], workdir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
 
 
 def test_paired_comparison_scores_each_question_against_the_same_question(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from lclm_rag.ingest import Ingestor
 from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine, LatentRetriever
 
-from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
+from lclm_rag.errors import CompressorMismatchError, ConfigError, InputError, StoreError
 from lclm_rag.store import LatentStore, id_for_node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,6 +168,9 @@ def test_errors(store, embedder, model, tmp_path):
         engine.query("   ")
     with pytest.raises(InputError, match="latency_budget_s must be > 0"):
         LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model, latency_budget_s=0)
+    with pytest.raises(ConfigError, match="the skim policy needs a fitted probe"):  # at construction, not at the first query
+        LatentQueryEngine.from_args(retriever=LatentRetriever(store, embedder, similarity_top_k=2), model=model, expand=1,
+                                    expand_policy="skim")
     everything = LatentRetriever(store, embedder, similarity_top_k=500)  # more than the collection holds: all of it
     assert len(everything.retrieve("Eiffel")) == store.count()
     with pytest.raises(InputError, match="similarity_top_k must be a positive integer"):

@@ -4,7 +4,8 @@ the ones it expands, on the same retrieved sets.
 The question a skim-then-expand reader has to answer before it spends text positions: of the k
 retrieved passages, read as latents, which n go back in as text? A policy is as good as the share
 of questions whose gold passage it expands; ``score`` (retrieval order) and ``lexical`` (BM25)
-decide blind, ``attention`` asks the decoder.
+decide blind, ``attention`` asks the decoder, ``skim`` weighs what the decoder's heads show with a
+probe fitted on a training split.
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import machine_info
 from lclm_rag.evaluation.rag import EvalCollection, corpus_documents, doc_id_of
 from lclm_rag.planning import POLICIES, rank_for_expansion
+from lclm_rag.skim import has_skim_probe
 
 
 def run_expansion_recall(data: str | Path, model, *, limit: int = 500, seed: int = 0, top_k: int = 5,
-                         counts: Sequence[int] = (1, 2), policies: Sequence[str] = POLICIES, workdir: str | Path | None = None,
+                         counts: Sequence[int] = (1, 2), policies: Sequence[str] | None = None, workdir: str | Path | None = None,
                          output: str | Path | None = None, progress: bool = True) -> dict:
     """Per policy and count n: the share of questions whose gold passage is among the n expanded
     (over all questions, and over those whose gold passage was retrieved at all), and the time
     the ranking took. ``model`` is a loaded ``LatentContextModel``; the corpus is the distinct
-    contexts of ``data``, ingested once into ``workdir`` (reused by later runs)."""
+    contexts of ``data``, ingested once into ``workdir`` (reused by later runs). ``policies``
+    default to all, ``skim`` where the model has a fitted probe."""
     from lclm_rag.embedding import Embedder
     from lclm_rag.hub import DEFAULT_EMBEDDER
 
+    if policies is None:
+        policies = [p for p in POLICIES if p != "skim" or has_skim_probe(model)]
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise InputError(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")

@@ -25,6 +25,7 @@ from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import PeakRSS, machine_info
 from lclm_rag.evaluation.metrics import score_predictions
 from lclm_rag.planning import POLICIES, Passage, build_segments, decide_expansion, plan_prompt
+from lclm_rag.skim import skim_probe
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +290,11 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     workdir = Path(workdir or temp.name)
     embed = Embedder(embedder or DEFAULT_EMBEDDER)
     documents = corpus_documents(all_records)
-    setups = [EvalCollection(c if isinstance(c, LatentContextModel) else load_model(c), documents, workdir, embed,
-                     embedder or DEFAULT_EMBEDDER, top_k, progress) for c in checkpoints]
+    models = [c if isinstance(c, LatentContextModel) else load_model(c) for c in checkpoints]
+    if "skim" in policies + [auto_policy]:
+        for m in models:
+            skim_probe(m)  # no probe for a reader: a clear error before anything is ingested
+    setups = [EvalCollection(m, documents, workdir, embed, embedder or DEFAULT_EMBEDDER, top_k, progress) for m in models]
     jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), auto_policy, max_new_tokens, list(token_budgets))
     result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},
               "seed": seed, "top_k": top_k, "expand": expand, "expand_policy": expand_policy if isinstance(expand_policy, str) else policies,

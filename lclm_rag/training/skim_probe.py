@@ -1,0 +1,72 @@
+"""Fit the ``skim`` expansion policy's probe on a training split (`lclm_rag.skim`).
+
+For each training question, its file's distinct contexts are the corpus (ingested once into the
+work directory, as `lclm-rag eval` does); the decoder skims the top-k retrieved passages as
+latents and gives each head's calibrated attention mass on each one; with BM25 and the retrieval
+score these are one retrieved set's features, and the gold passage (the question's own context) is
+the label. Features are cached per file, sample and reader, so a refit (another L2, more files)
+costs no model call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lclm_rag.data import load_jsonl, sample_records
+from lclm_rag.errors import InputError
+from lclm_rag.evaluation.rag import EvalCollection, corpus_documents, doc_id_of
+from lclm_rag.model import LatentContextModel
+from lclm_rag.planning import lexical_relevance
+from lclm_rag.prompt import CONTENT_FREE_QUESTION
+from lclm_rag.skim import SkimProbe, fit_listwise, skim_features
+
+
+def skim_examples(model: LatentContextModel, data: str | Path, limit: int, *, seed: int = 1, top_k: int = 5,
+                  workdir: str | Path, progress: bool = True) -> list[dict]:
+    """Per question: ``gold`` (is each retrieved passage the question's context), ``score``, ``bm25``
+    and ``heads`` (layers x heads x passages calibrated attention masses). Cached in ``workdir``."""
+    data, workdir = Path(data), Path(workdir)
+    if not data.is_file():
+        raise InputError(f"{data}: no such file")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = workdir / f"features_{data.stem}_{limit}_{seed}_{model.fingerprint()[:8]}_{model.decoder.fingerprint()[:8]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from lclm_rag.embedding import Embedder
+    from lclm_rag.hub import DEFAULT_EMBEDDER
+
+    records = sample_records(data, limit, seed=seed)
+    collection = EvalCollection(model, corpus_documents(load_jsonl(data)), workdir / data.stem, Embedder(DEFAULT_EMBEDDER),
+                                DEFAULT_EMBEDDER, top_k, progress)
+    rows = []
+    try:
+        with torch.no_grad():
+            for record in records:
+                passages = collection.retrieve(record["question"])
+                latents = [p.latents for p in passages]
+                heads = model.decoder.latent_attention(model.decoder.qa_segments(record["question"], latents),
+                                                       model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents), per_head=True)
+                rows.append({"gold": [p.doc_id == doc_id_of(record["context"]) for p in passages], "score": [p.score for p in passages],
+                             "bm25": lexical_relevance(record["question"], [p.text for p in passages]), "heads": heads.tolist()})
+    finally:
+        collection.store.close()
+    cache.write_text(json.dumps(rows))
+    return rows
+
+
+def fit_skim_probe(model: LatentContextModel, data: Sequence[str | Path], limit: int = 1200, *, seed: int = 1, top_k: int = 5,
+                   l2: float = 0.01, workdir: str | Path, progress: bool = True) -> SkimProbe:
+    """A probe for ``model``'s reader, fitted on ``limit`` questions of each training file in ``data``."""
+    if not data:
+        raise InputError("fitting the skim probe needs at least one training file")
+    rows, counts = [], {}
+    for path in data:
+        examples = skim_examples(model, path, limit, seed=seed, top_k=top_k, workdir=workdir, progress=progress)
+        rows += examples
+        counts[Path(path).name] = len(examples)
+    weights = fit_listwise([skim_features(torch.tensor(r["heads"]), r["bm25"], r["score"]) for r in rows], [r["gold"] for r in rows], l2)
+    return SkimProbe(weights.float(), model.decoder.fingerprint(), json.dumps({"questions": counts, "top_k": top_k, "l2": l2}))
