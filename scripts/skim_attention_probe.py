@@ -71,17 +71,17 @@ def hits(keys: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="smollm2-135m-r4")
-    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--train", type=Path, nargs="+", required=True, help="training files (--train-limit questions of each)")
     parser.add_argument("--train-limit", type=int, default=400)
     parser.add_argument("--eval", type=Path, required=True)
     parser.add_argument("--eval-limit", type=int, default=500)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--l2", type=float, default=0.01)
+    parser.add_argument("--l2", type=float, default=0.03)
     parser.add_argument("--workdir", type=Path, default=Path("runs/skim-probe"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = LatentContextModel.from_pretrained(args.checkpoint).eval()
-    train = skim_examples(model, args.train, args.train_limit, seed=1, top_k=args.top_k, workdir=args.workdir)
+    train = [row for path in args.train for row in skim_examples(model, path, args.train_limit, seed=1, top_k=args.top_k, workdir=args.workdir)]
     dev = skim_examples(model, args.eval, args.eval_limit, seed=0, top_k=args.top_k, workdir=args.workdir)
     g_train, g_dev = (np.array([r["gold"] for r in rows], dtype=float) for rows in (train, dev))
     bm25, score = (np.array([r[k] for r in dev]) for k in ("bm25", "score"))
@@ -100,7 +100,7 @@ def main() -> None:
         table.append(row)
     for ref, ref_keys in blind.items():
         table.append({"ranker": ref, "features": 0, **{f"gold_in_top{n}": hits(ref_keys, g_dev, n).mean() for n in (1, 2)}})
-    result = {"checkpoint": model.fingerprint(), "train": str(args.train), "train_n": len(train), "eval": str(args.eval),
+    result = {"checkpoint": model.fingerprint(), "train": [str(p) for p in args.train], "train_n": len(train), "eval": str(args.eval),
               "eval_n": len(dev), "top_k": args.top_k, "l2": args.l2, "gold_retrieved": float(g_dev.any(1).mean()), "rankers": table}
     (args.workdir / "probe.json").write_text(json.dumps(result, indent=2))
     for row in table:

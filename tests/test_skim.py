@@ -119,3 +119,16 @@ def test_fit_skim_probe_on_a_training_file(model, tmp_path):
     assert torch.allclose(again.weights, probe.weights)
     with pytest.raises(InputError, match="no such file"):
         fit_skim_probe(model, [tmp_path / "none.jsonl"], workdir=tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_the_packaged_probe_finds_the_passage_that_holds_the_answer(packaged_model):
+    assert has_skim_probe(packaged_model)
+    unrelated = ["Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen in the chloroplasts of leaf cells.",
+                 "The Great Barrier Reef, off the coast of Queensland, is the largest coral reef system in the world.",
+                 "Mount Everest, at 8,849 metres, is Earth's highest mountain above sea level, on the border of Nepal and China."]
+    answer = "The Eiffel Tower in Paris is named after the engineer Gustave Eiffel, whose company designed and built it."
+    for position in range(4):
+        texts = unrelated[:position] + [answer] + unrelated[position:]
+        ps = _passages(packaged_model, texts, [0.5] * 4)  # the retrieval score says nothing: BM25 and the heads decide
+        assert rank_for_expansion("Who designed the tower in Paris?", ps, "skim", packaged_model)[0] == position

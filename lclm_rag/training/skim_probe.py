@@ -59,7 +59,7 @@ def skim_examples(model: LatentContextModel, data: str | Path, limit: int, *, se
 
 
 def fit_skim_probe(model: LatentContextModel, data: Sequence[str | Path], limit: int = 1200, *, seed: int = 1, top_k: int = 5,
-                   l2: float = 0.01, workdir: str | Path, progress: bool = True) -> SkimProbe:
+                   l2: float = 0.03, workdir: str | Path, progress: bool = True) -> SkimProbe:
     """A probe for ``model``'s reader, fitted on ``limit`` questions of each training file in ``data``."""
     if not data:
         raise InputError("fitting the skim probe needs at least one training file")
