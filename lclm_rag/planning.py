@@ -17,8 +17,7 @@ import torch
 
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
-from lclm_rag.prompt import CONTENT_FREE_QUESTION
-from lclm_rag.skim import skim_probe
+from lclm_rag.skim import skim_attention, skim_probe
 
 POLICIES = ("score", "lexical", "fused", "attention", "skim")  # attention: the decoder's calibrated skim of the
 # all-latent prompt; skim: a probe fitted on a training split over that skim's heads, BM25 and the score (`lclm_rag.skim`)
@@ -108,10 +107,7 @@ def rank_for_expansion(question: str, passages: Sequence[Passage], policy: str,
         with_latents = [i for i, p in enumerate(passages) if p.latents is not None]
         keys = [math.inf] * len(passages)
         if with_latents:
-            latents = [passages[i].latents for i in with_latents]
-            skim = model.decoder.qa_segments(question, latents)
-            calibration = model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents)
-            heads = model.decoder.latent_attention(skim, calibration, per_head=True)
+            heads = skim_attention(model, question, [passages[i].latents for i in with_latents])
             if probe is None:
                 relevance = heads.mean((0, 1)).tolist()
             else:

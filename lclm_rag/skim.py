@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.model import LatentContextModel
+from lclm_rag.prompt import CONTENT_FREE_QUESTION
 
 SKIM_PROBE_FILE = "skim_probe.safetensors"
 ATTENTION_SCALE = 10.0  # calibrated masses are ~0.01: scaled so one L2 penalty suits every feature
@@ -60,6 +61,13 @@ class SkimProbe:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         return cls(load_file(path)["weights"], metadata.get("reader", ""), metadata.get("trained_on", ""))
+
+
+def skim_attention(model: LatentContextModel, question: str, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The skim: (layers, heads, passages) attention of the question's positions on each passage's
+    latents, less that of a content-free question (the passages prefilled once for both)."""
+    return model.decoder.latent_attention(model.decoder.qa_segments(question, latents),
+                                          model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents), per_head=True)
 
 
 def _z(values: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,16 @@ PASSAGES = [
 
 
 @pytest.fixture(scope="session")
+def answer_in_each_position() -> list[tuple[int, list[str]]]:
+    """(position, four passages): the one that names the Eiffel Tower's namesake among three unrelated, at each position."""
+    unrelated = ["Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen in the chloroplasts of leaf cells.",
+                 "The Great Barrier Reef, off the coast of Queensland, is the largest coral reef system in the world.",
+                 "Mount Everest, at 8,849 metres, is Earth's highest mountain above sea level, on the border of Nepal and China."]
+    answer = "The Eiffel Tower in Paris is named after the engineer Gustave Eiffel, whose company designed and built it."
+    return [(position, unrelated[:position] + [answer] + unrelated[position:]) for position in range(4)]
+
+
+@pytest.fixture(scope="session")
 def passages() -> list[str]:
     return list(PASSAGES)
 

@@ -123,13 +123,8 @@ def test_attention_ranks_every_latent_passage_by_the_skim(model, passages):
 
 
 @pytest.mark.slow
-def test_attention_finds_the_passage_that_holds_the_answer(packaged_model):
-    unrelated = ["Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen in the chloroplasts of leaf cells.",
-                 "The Great Barrier Reef, off the coast of Queensland, is the largest coral reef system in the world.",
-                 "Mount Everest, at 8,849 metres, is Earth's highest mountain above sea level, on the border of Nepal and China."]
-    answer = "The Eiffel Tower in Paris is named after the engineer Gustave Eiffel, whose company designed and built it."
-    for position in range(4):
-        texts = unrelated[:position] + [answer] + unrelated[position:]
+def test_attention_finds_the_passage_that_holds_the_answer(packaged_model, answer_in_each_position):
+    for position, texts in answer_in_each_position:
         ps = _passages(packaged_model, texts, [0.5] * 4)
         assert rank_for_expansion("Who is the Eiffel Tower named after?", ps, "attention", packaged_model)[0] == position
 

@@ -8,12 +8,12 @@ import torch
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.planning import Passage, lexical_relevance, rank_for_expansion
-from lclm_rag.prompt import CONTENT_FREE_QUESTION
 from lclm_rag.skim import (
     SKIM_PROBE_FILE,
     SkimProbe,
     fit_listwise,
     has_skim_probe,
+    skim_attention,
     skim_features,
     skim_probe,
     use_skim_probe,
@@ -27,9 +27,7 @@ def _passages(model, texts, scores):
 
 
 def _heads(model, question, ps):
-    latents = [p.latents for p in ps]
-    return model.decoder.latent_attention(model.decoder.qa_segments(question, latents),
-                                          model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents), per_head=True)
+    return skim_attention(model, question, [p.latents for p in ps])
 
 
 def test_fit_listwise_learns_which_feature_marks_the_gold_passage():
@@ -122,13 +120,8 @@ def test_fit_skim_probe_on_a_training_file(model, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_packaged_probe_finds_the_passage_that_holds_the_answer(packaged_model):
+def test_the_packaged_probe_finds_the_passage_that_holds_the_answer(packaged_model, answer_in_each_position):
     assert has_skim_probe(packaged_model)
-    unrelated = ["Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen in the chloroplasts of leaf cells.",
-                 "The Great Barrier Reef, off the coast of Queensland, is the largest coral reef system in the world.",
-                 "Mount Everest, at 8,849 metres, is Earth's highest mountain above sea level, on the border of Nepal and China."]
-    answer = "The Eiffel Tower in Paris is named after the engineer Gustave Eiffel, whose company designed and built it."
-    for position in range(4):
-        texts = unrelated[:position] + [answer] + unrelated[position:]
+    for position, texts in answer_in_each_position:
         ps = _passages(packaged_model, texts, [0.5] * 4)  # the retrieval score says nothing: BM25 and the heads decide
         assert rank_for_expansion("Who designed the tower in Paris?", ps, "skim", packaged_model)[0] == position

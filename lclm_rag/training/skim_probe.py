@@ -21,8 +21,7 @@ from lclm_rag.errors import InputError
 from lclm_rag.evaluation.rag import EvalCollection, corpus_documents, doc_id_of
 from lclm_rag.model import LatentContextModel
 from lclm_rag.planning import lexical_relevance
-from lclm_rag.prompt import CONTENT_FREE_QUESTION
-from lclm_rag.skim import SkimProbe, fit_listwise, skim_features
+from lclm_rag.skim import SkimProbe, fit_listwise, skim_attention, skim_features
 
 
 def skim_examples(model: LatentContextModel, data: str | Path, limit: int, *, seed: int = 1, top_k: int = 5,
@@ -47,9 +46,7 @@ def skim_examples(model: LatentContextModel, data: str | Path, limit: int, *, se
         with torch.no_grad():
             for record in records:
                 passages = collection.retrieve(record["question"])
-                latents = [p.latents for p in passages]
-                heads = model.decoder.latent_attention(model.decoder.qa_segments(record["question"], latents),
-                                                       model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents), per_head=True)
+                heads = skim_attention(model, record["question"], [p.latents for p in passages])
                 rows.append({"gold": [p.doc_id == doc_id_of(record["context"]) for p in passages], "score": [p.score for p in passages],
                              "bm25": lexical_relevance(record["question"], [p.text for p in passages]), "heads": heads.tolist()})
     finally:
