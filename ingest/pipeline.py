@@ -9,36 +9,38 @@ exactly once when run again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import re
 import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_text
+from lclm_rag.ingest.reading import (
+    RECORD_EXTENSIONS,
+    TEXT_EXTENSIONS,
+    SourceDocument,
+    clean_text,
+    doc_key,
+    iter_files,
+    legacy_doc_key,
+    read_file,
+    unstorable,
+)
+
+from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, check_chunking, chunk_text
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
-from lclm_rag.errors import InputError
+from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node, point_id
+from lclm_rag.store.base import with_user_fields
+
+__all__ = ["TEXT_EXTENSIONS", "FailedSource", "IngestPlan", "IngestReport", "Ingestor", "SourceDocument", "clean_text",
+           "in_shard", "read_file"]
 
 logger = logging.getLogger(__name__)
 
-TEXT_EXTENSIONS = {".txt", ".md", ".markdown", ".html", ".htm", ".rst", ".csv", ".xml"}
-RECORD_EXTENSIONS = {".jsonl", ".json"}
 PASSAGES_PER_SECOND_CPU = 15  # measured ingestion speed on 2 CPU cores (docs/benchmarks.md), for the estimate
-
-
-@dataclass
-class SourceDocument:
-    doc_id: str  # stable identity: relative path, or path#record-id for JSON records
-    text: str
-    source: str
-    metadata: dict = field(default_factory=dict)
-    node_id: str | None = None  # set: store the text as one passage under this LlamaIndex node id
 
 
 @dataclass
@@ -46,6 +48,19 @@ class FailedSource:
     source: str
     reason: str
     doc_ids: list[str] = field(default_factory=list)  # documents whose stored chunks must stay untouched
+    prefixes: list[str] = field(default_factory=list)  # and those whose ids start so (a record file's, a directory's)
+
+    def protects(self, doc_id: str) -> bool:
+        """Whether ``--prune`` must keep this stored document: ids compared whole, never cut at '#'
+        (a file may be named ``notes#2024.jsonl``)."""
+        return doc_id in self.doc_ids or doc_id.startswith(tuple(self.prefixes))
+
+    @classmethod
+    def of_file(cls, path: Path, reason: str) -> "FailedSource":
+        """A file that could not be read: its own document, and a record file's records, are kept."""
+        keys = list(dict.fromkeys((doc_key(path), legacy_doc_key(path))))
+        records = [k + "#" for k in keys] if path.suffix.lower() in RECORD_EXTENSIONS else []
+        return cls(str(path), reason, keys, records)
 
 
 @dataclass
@@ -58,6 +73,7 @@ class IngestReport:
     deleted: int = 0  # stale chunks of changed documents
     pruned: int = 0  # chunks of documents no longer in the input (--prune)
     failed: list[FailedSource] = field(default_factory=list)
+    renamed: dict[str, set[str]] = field(default_factory=dict)  # source -> its fields kept under user_fields
     bytes_stored: int | None = None
     seconds: float = 0.0
 
@@ -68,101 +84,6 @@ class IngestReport:
             f"(written {self.written}, unchanged {self.skipped}, stale deleted {self.deleted}, pruned {self.pruned}), "
             f"failed {len(self.failed)}, stored {size}, {self.seconds:.1f} s"
         )
-
-
-def _doc_key(path: Path) -> str:
-    """A file's document id: its resolved absolute path, whatever directory the ingest ran from."""
-    return path.resolve().as_posix()
-
-
-def _legacy_doc_key(path: Path) -> str:
-    """The id collections written before ids were absolute used: relative to the working directory
-    when the file was below it. Documents already stored under it keep it (no re-ingestion)."""
-    rel = os.path.relpath(path.resolve())
-    return Path(rel).as_posix() if not rel.startswith("..") else path.resolve().as_posix()
-
-
-def _iter_files(paths: Sequence[str | Path], unreadable: list[tuple[Path, str]]) -> Iterator[Path]:
-    """Files under ``paths`` (hidden ones skipped), in a stable order; a directory that cannot be
-    listed is added to ``unreadable`` instead of being skipped in silence."""
-    for p in paths:
-        p = Path(p)
-        if not p.is_dir():
-            yield p  # a missing path is reported as a failed source by read_file
-            continue
-        found = []
-        for root, dirs, files in os.walk(p, onerror=lambda exc: unreadable.append((Path(exc.filename), exc.strerror or str(exc)))):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found.extend(Path(root) / f for f in files if not f.startswith("."))
-        yield from sorted(found)
-
-
-_CONTROL = re.compile("[\x01-\x08\x0b\x0e-\x1f\x7f]")
-
-
-def clean_text(text: str) -> str:
-    """Control characters (other than tab, newlines and form feed) become spaces: same length, so
-    character spans still point into the file."""
-    return _CONTROL.sub(" ", text)
-
-
-def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
-    """Documents of one file; raises InputError with the reason a file cannot be ingested."""
-    if not path.exists():
-        raise InputError("unreadable: broken symbolic link" if path.is_symlink() else "no such file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"unreadable: {exc.strerror or exc}") from exc
-    if not raw.strip():
-        raise InputError("empty file")
-    key = _doc_key(path)
-    ext = path.suffix.lower()
-    if ext in RECORD_EXTENSIONS:
-        return _read_records(raw, key, str(path), ext, text_field)
-    if ext in TEXT_EXTENSIONS or ext == "":
-        nul = raw.find(b"\x00")
-        if nul >= 0:
-            raise InputError(f"binary file (a NUL byte at byte {nul})")
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"not UTF-8 text (byte {exc.start})") from exc
-    try:
-        from llama_index.core import SimpleDirectoryReader
-    except ImportError as exc:
-        raise InputError(f"reading {ext or 'these'} files needs LlamaIndex's readers: pip install 'lclm-rag[llama-index]'") from exc
-    try:
-        docs = SimpleDirectoryReader(input_files=[str(path)], errors="strict", raise_on_error=True).load_data()
-    except Exception as exc:  # readers raise anything from ValueError to parser-specific errors
-        raise InputError(f"no reader could read it ({type(exc).__name__}: {exc})") from exc
-    text = clean_text("\n\n".join(d.text for d in docs if d.text and d.text.strip()))
-    if not text.strip():
-        raise InputError("no text extracted")
-    meta = {k: v for k, v in (docs[0].metadata if docs else {}).items() if k in ("file_name", "file_type", "page_label")}
-    return [SourceDocument(key, text, str(path), meta)]
-
-
-def _read_records(raw: bytes, key: str, source: str, ext: str, text_field: str) -> list[SourceDocument]:
-    try:
-        content = raw.decode("utf-8")
-        records = [json.loads(line) for line in content.splitlines() if line.strip()] if ext == ".jsonl" else json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"invalid {ext[1:].upper()}: {exc}") from exc
-    if isinstance(records, dict):
-        records = [records]
-    docs = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-            raise InputError(f"record {i} has no string field {text_field!r}")
-        if not rec[text_field].strip():
-            continue
-        rid = rec.get("id", i)
-        meta = {k: v for k, v in rec.items() if k != text_field and isinstance(v, (str, int, float, bool))}
-        docs.append(SourceDocument(f"{key}#{rid}", clean_text(rec[text_field]), source, meta))
-    if not docs:
-        raise InputError(f"no record has text in field {text_field!r}")
-    return docs
 
 
 def in_shard(doc_id: str, shard: tuple[int, int] | None) -> bool:
@@ -186,6 +107,9 @@ class Ingestor:
         ``latents_on_disk``: whether a new collection keeps them on disk (memory-mapped, read for the
         hits only) instead of in RAM. None for an existing collection keeps its own; another value
         than it has is refused (both are chosen when the collection is created)."""
+        check_chunking(chunk_tokens, overlap)  # before the collection is created: a mistake leaves nothing behind
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.store, self.compressor, self.embedder = store, compressor, embedder
         self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
         self.encoder = encoder
@@ -210,34 +134,46 @@ class Ingestor:
         report = IngestReport()
         start = time.perf_counter()
         docs: list[SourceDocument] = []
-        protected: set[str] = set()  # documents of failed files: never replaced or pruned
-        protected_dirs: list[str] = []  # and everything below a directory that could not be read
+        seen: dict[str, str] = {}  # document id -> the file it was first read from
         unreadable: list[tuple[Path, str]] = []
+        repeated: list[tuple[Path, str]] = []
+
+        def fail(failure: FailedSource) -> None:
+            report.failed.append(failure)
+            logger.info("skipped %s: %s", failure.source, failure.reason)
+            if strict:
+                raise InputError(f"{failure.source}: {failure.reason}")
+
         adopt = self.store.count() > 0  # only a collection that holds documents can hold earlier ids
-        for path in _iter_files(paths, unreadable):
+        for path in iter_files(paths, unreadable, repeated):
             report.files += 1
             try:
                 file_docs = read_file(path, text_field)
-            except InputError as exc:
-                report.failed.append(FailedSource(str(path), str(exc), [_doc_key(path), _legacy_doc_key(path)]))
-                protected.update((_doc_key(path), _legacy_doc_key(path)))
-                logger.info("skipped %s: %s", path, exc)
-                if strict:
-                    raise InputError(f"{path}: {exc}") from exc
+                problem = next(filter(None, map(unstorable, file_docs)), None)
+                if problem:
+                    raise InputError(problem)
+            except Exception as exc:  # whatever one file does (OSError, RecursionError, a reader's own), it fails alone
+                fail(FailedSource.of_file(path, str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"))
                 continue
-            docs.extend(self._adopt_stored_ids(path, d) if adopt else d for d in file_docs if in_shard(d.doc_id, shard))
+            fresh, repeats = [], []
+            for d in file_docs:  # a document id read twice (a link to a sibling, a path given twice, ids 1 and "1"): the first wins
+                (repeats if d.doc_id in seen else fresh).append(d)
+                seen.setdefault(d.doc_id, str(path))
+            if repeats:
+                more = f" (and {len(repeats) - 1} more)" if len(repeats) > 1 else ""
+                fail(FailedSource(str(path), f"duplicate document id {repeats[0].doc_id!r}{more}: the one first read, from "
+                                             f"{seen[repeats[0].doc_id]}, is kept"))
+            docs.extend(self._adopt_stored_ids(path, d) if adopt else d for d in fresh if in_shard(d.doc_id, shard))
         for directory, reason in unreadable:
-            report.failed.append(FailedSource(str(directory), f"unreadable directory: {reason}"))
-            protected_dirs.extend((_doc_key(directory) + "/", _legacy_doc_key(directory) + "/"))
-            if strict:
-                raise InputError(f"{directory}: unreadable directory: {reason}")
+            fail(FailedSource(str(directory), f"unreadable directory: {reason}",
+                              prefixes=[doc_key(directory) + "/", legacy_doc_key(directory) + "/"]))
+        for link, reason in repeated:  # its files were read by their other path
+            fail(FailedSource(str(link), reason))
         self._ingest(docs, report, progress)
         if prune:
             keep = {d.doc_id for d in docs}
             for doc_id in self.store.doc_ids():
-                base = doc_id.split("#", 1)[0]
-                if (doc_id in keep or doc_id in protected or base in protected or not in_shard(doc_id, shard)
-                        or any(base.startswith(d) for d in protected_dirs)):
+                if doc_id in keep or not in_shard(doc_id, shard) or any(f.protects(doc_id) for f in report.failed):
                     continue
                 stale = self.store.ids_of_doc(doc_id)
                 self.store.delete(stale)
@@ -249,7 +185,7 @@ class Ingestor:
     def _adopt_stored_ids(self, path: Path, doc: SourceDocument) -> SourceDocument:
         """A document stored under its working-directory-relative id (collections written before
         ids were absolute) keeps that id, so re-ingesting it neither duplicates nor rewrites it."""
-        legacy = doc.doc_id.replace(_doc_key(path), _legacy_doc_key(path), 1)
+        legacy = doc.doc_id.replace(doc_key(path), legacy_doc_key(path), 1)
         if legacy != doc.doc_id and not self.store.ids_of_doc(doc.doc_id) and self.store.ids_of_doc(legacy):
             return dataclasses.replace(doc, doc_id=legacy)
         return doc
@@ -319,10 +255,13 @@ class Ingestor:
             for c in chunks:
                 digest = content_hash(c.text)
                 pid = id_for_node(doc.node_id) if doc.node_id is not None else point_id(doc.doc_id, c.index, digest)
-                new[pid] = StoredPassage(pid, c.text, {
+                payload, moved = with_user_fields({
                     "doc_id": doc.doc_id, "source": doc.source, "chunk_index": c.index, "start_char": c.start_char,
-                    "end_char": c.end_char, "num_tokens": c.num_tokens, "content_hash": digest, **doc.metadata,
-                })
+                    "end_char": c.end_char, "num_tokens": c.num_tokens, "content_hash": digest,
+                }, doc.metadata)
+                if moved:
+                    report.renamed.setdefault(doc.source, set()).update(moved)
+                new[pid] = StoredPassage(pid, c.text, payload)
             existing = self.store.ids_of_doc(doc.doc_id)
             if doc.node_id is not None and existing & new.keys():  # same node id, maybe new text
                 for old in self.store.retrieve(list(existing & new.keys()), with_latents=False):
@@ -332,6 +271,9 @@ class Ingestor:
             report.skipped += len(existing & new.keys())
             plan.pending.extend(p for pid, p in new.items() if pid not in existing)
             plan.stale_by_doc[doc.doc_id] = existing - new.keys()
+        writing = {p.id for p in plan.pending}
+        for doc_id, stale in plan.stale_by_doc.items():  # a point this run rewrites is never retired with it (a point
+            plan.stale_by_doc[doc_id] = stale - writing  # an older release stored under another document's id)
         estimate = len(plan.pending) / PASSAGES_PER_SECOND_CPU
         if estimate > 3600:
             logger.warning("%s passages to compress: about %.1f h on a CPU (%d passages/s; a GPU is much faster)",

@@ -22,6 +22,15 @@ class Chunk:
 BLOCK_CHARS = 1_000_000  # a longer text is tokenised block by block (cut at whitespace): bounded memory
 
 
+def check_chunking(chunk_tokens: int, overlap: int) -> None:
+    """Refuse settings no text can be chunked with: called before a collection is created, so a
+    mistake leaves nothing behind."""
+    if chunk_tokens <= 0:
+        raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if not 0 <= overlap < chunk_tokens:
+        raise ConfigError(f"overlap must be in [0, chunk_tokens), got {overlap} with chunk_tokens={chunk_tokens}")
+
+
 def chunk_text(text: str, tokenizer, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP) -> list[Chunk]:
     """Split ``text`` into chunks of at most ``chunk_tokens`` tokens, ``overlap`` tokens shared.
 
@@ -30,10 +39,7 @@ def chunk_text(text: str, tokenizer, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, o
     A text longer than ``BLOCK_CHARS`` is cut at whitespace into blocks chunked one after the
     other (no overlap across a block boundary), so memory stays bounded for any file size.
     """
-    if chunk_tokens <= 0:
-        raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    if not 0 <= overlap < chunk_tokens:
-        raise ConfigError(f"overlap must be in [0, chunk_tokens), got {overlap} with chunk_tokens={chunk_tokens}")
+    check_chunking(chunk_tokens, overlap)
     chunks: list[Chunk] = []
     start = 0
     while start < len(text):

@@ -27,7 +27,7 @@ import numpy as np
 
 from lclm_rag.errors import CompressorMismatchError, InputError, StoreError
 from lclm_rag.hub import lclm_home
-from lclm_rag.store.base import Backend, CollectionSpec, StoredPassage, content_hash, directory_bytes, id_for_node, point_id
+from lclm_rag.store.base import META_FILE, Backend, CollectionSpec, StoredPassage, content_hash, directory_bytes, id_for_node, point_id
 from lclm_rag.store.edge import EdgeBackend
 from lclm_rag.store.qdrant import QdrantClientBackend
 from lclm_rag.store.quantize import DEFAULT_LATENT_DTYPE, LATENT_DTYPES, decode, encode
@@ -49,7 +49,20 @@ class LatentStore:
     def __init__(self, name: str, backend: Backend) -> None:
         self.name = name
         self.backend = backend
-        self.spec: CollectionSpec | None = backend.read_spec() if backend.exists() else None
+        self.spec: CollectionSpec | None = self._stored_spec()
+
+    def _stored_spec(self) -> CollectionSpec | None:
+        """The collection's spec as stored (checked), or None for a new collection. Points with no
+        spec beside them are refused: taking them as new would relabel another compressor's or
+        latent type's latents (read back as garbage)."""
+        spec = self.backend.read_spec() if self.backend.exists() else None
+        if spec is None and (stray := self.backend.stray_points()):
+            edge = getattr(self.backend, "dir", None)
+            where, spec_at = (edge, META_FILE) if edge else (getattr(self.backend, "location", ""), "'lclm_rag' metadata")
+            raise StoreError(f"collection {self.name!r} at {where} holds {stray} points but no collection spec "
+                             f"({spec_at}): nothing says which compressor and latent type wrote them. Restore the "
+                             "spec from a backup, or ingest into a new collection")
+        return spec
 
     @classmethod
     def open(cls, name: str, *, path: str | Path | None = None, url: str | None = None, api_key: str | None = None,
@@ -73,7 +86,7 @@ class LatentStore:
         """Create the collection for ``spec`` or check that it already holds the same compressor's latents."""
         if spec.latent_dtype not in LATENT_DTYPES:
             raise InputError(f"latent_dtype must be one of {LATENT_DTYPES}, got {spec.latent_dtype!r}")
-        stored = self.backend.read_spec() if self.backend.exists() else None
+        stored = self._stored_spec()
         if stored is not None:
             spec.check(stored, self.name)
             spec = dataclasses.replace(spec, latents_on_disk=stored.latents_on_disk)  # placement is the collection's

@@ -3,6 +3,7 @@ the abstract backend each engine implements (the same tests run on every one).""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from abc import ABC, abstractmethod
@@ -14,13 +15,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from lclm_rag.errors import CompressorMismatchError
+from lclm_rag.errors import CompressorMismatchError, StoreError
 
 DENSE = "dense"
 LATENT = "latent"
 META_FILE = "lclm_collection.json"
 ID_NAMESPACE = uuid.UUID("6f1c1d7e-54a4-4c1e-9f57-4f1b2e0b7c11")
 INDEXED_FIELDS = ("doc_id", "fingerprint")
+LATENT_DTYPES = ("float16", "uint8")
+# payload keys the system writes and reads; a document's own field of the same name never replaces one
+SYSTEM_FIELDS = frozenset({"text", "doc_id", "source", "chunk_index", "start_char", "end_char", "num_tokens", "content_hash",
+                           "fingerprint", "ratio", "latent_scale", "latent_offset", "node_id"})
+USER_FIELDS = "user_fields"  # where a document's fields named like system ones are kept
+
+
+def with_user_fields(system: dict[str, Any], user: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A point's payload: the document's own fields beside the system's, except those named like a
+    system field (or ``user_fields``), which go under ``user_fields`` instead of replacing it.
+    Returns the payload and the names moved (to report them)."""
+    clash = sorted(k for k in user if k in SYSTEM_FIELDS or k == USER_FIELDS)
+    payload = {k: v for k, v in user.items() if k not in clash}
+    payload.update(system)
+    if clash:
+        payload[USER_FIELDS] = {k: user[k] for k in clash}
+    return payload, clash
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,29 @@ class CollectionSpec:
     schema_version: int = 1
     latent_dtype: str = "float16"  # how latents are stored: "float16" or "uint8" (store/quantize.py)
     latents_on_disk: bool = False  # latents memory-mapped and read for the hits only; the dense index stays in RAM
+
+    @classmethod
+    def from_stored(cls, data: Any, where: str) -> "CollectionSpec":
+        """A spec read back from storage, checked: a damaged or hand-edited spec file is refused
+        with its path, never taken as some other compressor or latent type."""
+        fix = ("it records which compressor and latent type wrote the collection: restore it from a backup, or "
+               "ingest into a new collection")
+        if not isinstance(data, dict):
+            raise StoreError(f"{where} does not hold a collection spec (a JSON object): {fix}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {name for name, f in fields.items() if f.default is dataclasses.MISSING}
+        if data.keys() - fields.keys() or required - data.keys():
+            raise StoreError(f"{where} has keys {sorted(data)}, not the collection spec's (missing "
+                             f"{sorted(required - data.keys())}, unknown {sorted(data.keys() - fields.keys())}): {fix}")
+        types = {"fingerprint": str, "embedding_model": str, "latent_dtype": str, "latents_on_disk": bool}
+        for name, value in data.items():
+            want = types.get(name, int)
+            if not isinstance(value, want) or (want is int and (isinstance(value, bool) or value <= 0)):
+                raise StoreError(f"{where}: {name} is {value!r}, not a{' positive' if want is int else ''} "
+                                 f"{want.__name__}: {fix}")
+        if data.get("latent_dtype", "float16") not in LATENT_DTYPES:
+            raise StoreError(f"{where}: latent_dtype is {data['latent_dtype']!r}, not one of {LATENT_DTYPES}: {fix}")
+        return cls(**data)
 
     def check(self, stored: "CollectionSpec", collection: str) -> None:
         if stored.fingerprint != self.fingerprint or stored.ratio != self.ratio or stored.latent_dim != self.latent_dim:
@@ -131,6 +172,11 @@ class Backend(ABC):
     def disk_bytes(self) -> int | None: ...
     @abstractmethod
     def close(self) -> None: ...
+
+    def stray_points(self) -> int:
+        """Points stored where no collection spec is (a deleted spec file): such a collection is
+        refused, since nothing says which compressor and latent type wrote them."""
+        return 0
 
     def flush(self) -> None:
         """Make written points durable (engines that write through need nothing)."""

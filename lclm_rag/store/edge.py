@@ -25,6 +25,12 @@ from lclm_rag.store.base import (
 LOCK_FILE = ".lclm-rag.lock"
 
 
+def _engine_failure(exc: BaseException) -> bool:
+    """An error the engine raised: a plain Exception, or a Rust panic (pyo3's PanicException is a
+    BaseException, so it would pass ``except Exception`` as a raw traceback)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def return_freed_heap() -> bool:
     """Give the heap the engine freed back to the OS (glibc ``malloc_trim``); False where there is none.
 
@@ -104,10 +110,27 @@ class EdgeBackend(Backend):
             return
         try:
             self.shard = self.qe.EdgeShard.load(str(self.dir))
-        except Exception as exc:  # the engine raises plain Exception
+        except BaseException as exc:  # the engine raises plain Exception, or panics
+            if not _engine_failure(exc):
+                raise
             self._release()
-            raise StoreError(f"cannot open the embedded collection at {self.dir}: {exc}") from exc
+            raise StoreError(f"cannot open the embedded collection at {self.dir}: {exc}. {self._fix()}") from exc
         return_freed_heap()
+
+    def _fix(self) -> str:
+        return (f"Its files are damaged or were written by another engine version: restore {self.dir} from a backup, "
+                "or move it away and ingest again")
+
+    def _engine(self, what: str, fn, *args):
+        """Call the engine; a failure (a truncated payload page or vector file, ...) becomes one
+        StoreError naming the collection's directory and the fix, not an engine traceback."""
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            if not _engine_failure(exc):
+                raise
+            raise StoreError(f"the embedded collection at {self.dir} failed to {what}: {str(exc).strip()[:500]}. "
+                             f"{self._fix()}") from exc
 
     def exists(self) -> bool:
         return self.shard is not None and (self.dir / META_FILE).exists()
@@ -139,7 +162,16 @@ class EdgeBackend(Backend):
 
     def read_spec(self):
         path = self.dir / META_FILE
-        return CollectionSpec(**json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # truncated, not JSON, not UTF-8, unreadable
+            return CollectionSpec.from_stored(None, f"{path} ({type(exc).__name__}: {exc})")  # raises
+        return CollectionSpec.from_stored(data, str(path))
+
+    def stray_points(self) -> int:
+        return self.count() if self.shard is not None else 0
 
     def upsert(self, passages) -> None:
         qe = self.qe
@@ -147,19 +179,19 @@ class EdgeBackend(Backend):
             qe.Point(p.id, {DENSE: np.asarray(p.dense, dtype=np.float32), LATENT: _latents_to_rows(p.latents)}, p.payload)
             for p in passages
         ]
-        self.shard.update(qe.UpdateOperation.upsert_points(points))
-        self.shard.flush()  # a batch is durable once upsert returns
+        self._engine("write points", self.shard.update, qe.UpdateOperation.upsert_points(points))
+        self._engine("write points", self.shard.flush)  # a batch is durable once upsert returns
 
     def search(self, vector, limit, with_latents):
         qe = self.qe
-        hits = self.shard.search(qe.SearchRequest(
+        hits = self._engine("search", self.shard.search, qe.SearchRequest(
             query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32), using=DENSE), limit=limit,
             with_payload=True, with_vector=[LATENT] if with_latents else False,
         ))
         return [_to_passage(h, with_latents, score=float(h.score)) for h in hits]
 
     def retrieve(self, ids, with_latents):
-        recs = self.shard.retrieve(list(ids), True, [LATENT] if with_latents else None)
+        recs = self._engine("read points", self.shard.retrieve, list(ids), True, [LATENT] if with_latents else None)
         return [_to_passage(r, with_latents) for r in recs]
 
     def scroll_doc_ids(self, doc_id=None) -> Iterable:
@@ -167,18 +199,19 @@ class EdgeBackend(Backend):
         flt = qe.Filter(must=[qe.FieldCondition(key="doc_id", match=qe.MatchValue(value=doc_id))]) if doc_id is not None else None
         offset = None
         while True:
-            batch, offset = self.shard.scroll(qe.ScrollRequest(limit=512, offset=offset, filter=flt, with_payload=["doc_id"], with_vector=False))
+            batch, offset = self._engine("list points", self.shard.scroll, qe.ScrollRequest(
+                limit=512, offset=offset, filter=flt, with_payload=["doc_id"], with_vector=False))
             yield from batch
             if offset is None:
                 return
 
     def delete(self, ids) -> None:
         if ids:
-            self.shard.update(self.qe.UpdateOperation.delete_points(list(ids)))
-            self.shard.flush()
+            self._engine("delete points", self.shard.update, self.qe.UpdateOperation.delete_points(list(ids)))
+            self._engine("delete points", self.shard.flush)
 
     def count(self) -> int:
-        return self.shard.count(self.qe.CountRequest(exact=True))
+        return self._engine("count points", self.shard.count, self.qe.CountRequest(exact=True))
 
     def disk_bytes(self) -> int:
         return directory_bytes(self.dir)

@@ -74,7 +74,10 @@ class QdrantClientBackend(Backend):
     def read_spec(self):
         info = self._call(self.client.get_collection, self.name)
         meta = (info.config.metadata or {}).get("lclm_rag")
-        return CollectionSpec(**meta) if meta else None
+        return CollectionSpec.from_stored(meta, f"collection {self.name!r} at {self.location} (metadata 'lclm_rag')") if meta is not None else None
+
+    def stray_points(self):
+        return self.count() if self.exists() else 0
 
     def upsert(self, passages):
         from qdrant_client import models as m

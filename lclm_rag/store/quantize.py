@@ -13,9 +13,8 @@ import dataclasses
 
 import torch
 
-from lclm_rag.store.base import StoredPassage
+from lclm_rag.store.base import LATENT_DTYPES, StoredPassage
 
-LATENT_DTYPES = ("float16", "uint8")
 # what a new collection stores: 56% of float16's bytes per passage at 1:4, and on 500 SQuAD dev gold questions
 # the same answers within noise (docs/benchmarks.md); an existing collection keeps its own type
 DEFAULT_LATENT_DTYPE = "uint8"
