@@ -312,3 +312,115 @@ def test_pdf_and_docx_are_read_and_found_and_a_corrupt_one_is_reported(tmp_path,
         hit = store.search(embedder.embed([question])[0], top_k=1)[0]
         assert hit.payload["doc_id"].endswith(name) and ("Etna" in hit.text or "vanilla" in hit.text)
     store.close()
+
+
+def _owls_and_bats(folder: Path) -> Path:
+    """A folder whose JSONL records carry fields named like the system's (``doc_id`` naming another file)."""
+    folder.mkdir()
+    shutil.copy(EXAMPLE_DOCS / "eiffel_tower.md", folder / "eiffel.txt")
+    (folder / "moon.md").write_text("The Moon is Earth's only natural satellite. It orbits at about 384,000 km.")
+    eiffel = (folder / "eiffel.txt").resolve().as_posix()
+    (folder / "meta.jsonl").write_text(
+        json.dumps({"id": "r1", "text": "Owls are birds of prey that hunt mostly at night.", "doc_id": eiffel}) + "\n"
+        + json.dumps({"id": "r2", "text": "Bats are flying mammals that use echolocation.", "doc_id": "something-else",
+                      "chunk_index": 7, "topic": "bats"}) + "\n")
+    return folder
+
+
+def test_a_records_own_fields_never_replace_the_systems(tmp_path, make_compressor, embedder, monkeypatch):
+    from lclm_rag.ingest import pipeline
+
+    folder = _owls_and_bats(tmp_path / "d")
+    store = open_test_store("edge", tmp_path)
+    ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
+    with monkeypatch.context() as old:  # a collection an earlier release wrote: the record's doc_id replaced the system's
+        old.setattr(pipeline, "with_user_fields", lambda system, user: ({**system, **user}, []))
+        ingestor.ingest_paths([folder], progress=False)
+    total = store.count()
+    first = ingestor.ingest_paths([folder], prune=True, progress=False)  # rewrites the two records' payloads, loses nothing
+    assert (first.written, first.deleted, first.pruned, store.count()) == (2, 0, 0, total)
+    for _ in range(2):
+        again = ingestor.ingest_paths([folder], prune=True, progress=False)
+        assert (again.written, again.deleted, again.pruned, store.count()) == (0, 0, 0, total)
+    meta = (folder / "meta.jsonl").resolve().as_posix()
+    owl, bat = (_stored(store)[next(iter(store.ids_of_doc(f"{meta}#{r}")))] for r in ("r1", "r2"))
+    assert owl.payload["user_fields"] == {"doc_id": (folder / "eiffel.txt").resolve().as_posix()}
+    assert bat.payload["chunk_index"] == 0 and bat.payload["user_fields"] == {"chunk_index": 7, "doc_id": "something-else"}
+    assert bat.payload["topic"] == "bats"  # other fields keep their place
+    assert again.renamed == {str(folder / "meta.jsonl"): {"doc_id", "chunk_index"}}
+    store.close()
+
+
+def test_prune_protects_exactly_a_failed_files_documents(tmp_path, make_compressor, embedder):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    records = '{"id": "a", "text": "Owls hunt at night."}\n{"id": "b", "text": "Bats use echolocation."}\n'
+    for name in ("notes#2024.jsonl", "plain.jsonl"):
+        (folder / name).write_text(records)
+    (folder / "notes").write_text("A file whose id is where the '#' file's id would be cut.")
+    store = open_test_store("edge", tmp_path)
+    ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
+    ingestor.ingest_paths([folder], progress=False)
+    assert store.count() == 5
+    for name in ("notes#2024.jsonl", "plain.jsonl"):
+        with (folder / name).open("a") as f:
+            f.write("{broken\n")
+    (folder / "notes").unlink()
+    report = ingestor.ingest_paths([folder], prune=True, progress=False)
+    assert sorted(Path(f.source).name for f in report.failed) == ["notes#2024.jsonl", "plain.jsonl"]
+    assert report.pruned == 1 and store.count() == 4  # only the deleted file's passage; both failed files' records stay
+    assert (folder / "notes").resolve().as_posix() not in store.doc_ids()
+    store.close()
+
+
+def test_one_bad_path_is_one_failed_source_and_the_rest_is_ingested(tmp_path, make_compressor, embedder):
+    import threading
+
+    folder, outside = tmp_path / "d", tmp_path / "outside"
+    folder.mkdir(), outside.mkdir()
+    (folder / "paris.txt").write_text("Paris is the capital of France. It lies on the Seine.")
+    (folder / "selfloop").symlink_to("selfloop")
+    (folder / "five.json").write_text("5")
+    (folder / "null.json").write_text("null")
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "alias.txt").symlink_to("paris.txt")  # the same document under a second name
+    (folder / "ids.jsonl").write_text('{"id": 1, "text": "Owls hunt at night."}\n{"id": "1", "text": "Bats use echolocation."}\n')
+    (folder / "nul.jsonl").write_text(json.dumps({"text": "Owls\u0000 hunt."}) + "\n")
+    (folder / "nan.jsonl").write_text('{"text": "Storks migrate.", "score": NaN}\n')
+    (outside / "nile.txt").write_text("The Nile flows north through Africa.")
+    (folder / "linked").symlink_to(outside)  # a symbolic link to a directory is followed
+    (folder / "up").symlink_to(".")  # a link back up is reported, not walked forever
+    fifo = folder / "notes.txt"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(60, lambda: open(fifo, "w").close())  # should the read ever block again, end it
+    unblock.daemon = True
+    unblock.start()
+    store = open_test_store("edge", tmp_path)
+    ingestor = Ingestor(store, make_compressor(ratio=4), embedder, chunk_tokens=64, batch_size=8)
+    report = ingestor.ingest_paths([folder, folder / "paris.txt"], progress=False)
+    unblock.cancel()
+    reasons = {(Path(f.source).name, f.reason.split(" (")[0].split(":")[0]) for f in report.failed}
+    assert reasons == {("selfloop", "unreadable"), ("five.json", "a JSON file holds an object or a list of objects, not int"),
+                       ("null.json", "a JSON file holds an object or a list of objects, not NoneType"),
+                       ("deep.json", "invalid JSON"), ("paris.txt", "duplicate document id '" + (folder / "paris.txt").resolve().as_posix() + "'"),
+                       ("ids.jsonl", "duplicate document id '" + (folder / "ids.jsonl").resolve().as_posix() + "#1'"),
+                       ("nul.jsonl", "record 0"), ("nan.jsonl", "document '" + (folder / "nan.jsonl").resolve().as_posix() + "#0'"),
+                       ("up", "symbolic link to a directory already read"), ("notes.txt", "not a regular file")}, reasons
+    assert "Too many levels of symbolic links" in next(f.reason for f in report.failed if f.source.endswith("selfloop"))
+    texts = sorted(p.text for p in _stored(store).values())
+    assert texts == ["Owls hunt at night.", "Paris is the capital of France. It lies on the Seine.", "The Nile flows north through Africa."]
+    assert (outside / "nile.txt").resolve().as_posix() in store.doc_ids()
+    with pytest.raises(InputError, match="deep.json: invalid JSON"):  # --strict still stops at the first, in path order
+        ingestor.ingest_paths([folder], strict=True, progress=False)
+    store.close()
+
+
+def test_chunk_settings_are_checked_before_a_collection_is_created(tmp_path, make_compressor, embedder):
+    from lclm_rag.errors import ConfigError
+
+    store = open_test_store("edge", tmp_path)
+    for settings in ({"chunk_tokens": 0}, {"chunk_tokens": 8, "overlap": 8}, {"batch_size": 0}):
+        with pytest.raises(ConfigError):
+            Ingestor(store, make_compressor(ratio=4), embedder, **settings)
+    store.close()
+    assert not (tmp_path / "edge").exists()

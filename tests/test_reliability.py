@@ -125,3 +125,79 @@ def test_setup_mistakes_are_one_line_errors_with_their_own_exit_code(tmp_path):
     _one_line_error(_cli("query", "q", "--collection", "c", "--qdrant-url", "http://127.0.0.1:9"), 3, "127.0.0.1:9 (REST)")
     _one_line_error(_cli("ingest", str(tmp_path), "--collection", "c", "--shard", "3/2"), 2, "--shard 3/2")
     assert "exit codes:" in _cli("--help").stdout
+
+
+def _collection(tmp_path):
+    path = tmp_path / "coll"
+    with LatentStore.open("c", path=path) as store:
+        store.bind(SPEC)
+        store.upsert(_passages(4))
+    return path
+
+
+@pytest.mark.parametrize("spec_text", ['{"fingerprint": "ffff', "", "[]", '{"foo": 1}', "ratio", "latent_dtype"])
+def test_a_damaged_spec_file_is_refused_with_its_path(tmp_path, spec_text):
+    path = _collection(tmp_path)
+    spec = path / "lclm_collection.json"
+    if spec_text in ("ratio", "latent_dtype"):  # the right keys with values of the wrong type
+        spec_text = json.dumps({**json.loads(spec.read_text()), spec_text: "4" if spec_text == "ratio" else "int3"})
+    spec.write_text(spec_text)
+    with pytest.raises(StoreError, match=f"{spec}.*restore it from a backup, or ingest into a new collection"):
+        LatentStore.open("c", path=path)
+    assert spec.read_text() == spec_text  # nothing rewritten
+
+
+def test_points_without_a_spec_are_refused_never_relabelled(tmp_path):
+    import dataclasses
+
+    path = _collection(tmp_path)
+    spec = path / "lclm_collection.json"
+    saved = spec.read_text()
+    spec.unlink()
+    with pytest.raises(StoreError, match=r"holds 4 points but no collection spec \(lclm_collection.json\)"):
+        LatentStore.open("c", path=path)
+    assert not spec.exists()  # not relabelled (as float16, say) by an ingest that took it for a new collection
+    spec.write_text(saved)
+    with LatentStore.open("c", path=path) as store:  # the spec restored: the collection reads as before
+        assert store.count() == 4 and store.spec.latent_dtype == SPEC.latent_dtype
+        with pytest.raises(Exception, match="never mixes types"):
+            store.bind(dataclasses.replace(SPEC, latent_dtype="uint8"))
+    with LatentStore.open("c", path=tmp_path / "empty") as store:  # a shard created but no spec written yet, no points: new
+        store.bind(SPEC)
+    (tmp_path / "empty" / "lclm_collection.json").unlink()
+    with LatentStore.open("c", path=tmp_path / "empty") as store:
+        store.bind(SPEC)
+        assert store.count() == 0
+
+
+@pytest.mark.parametrize("damaged", ["payload_storage/page_0.dat", "vector_storage-latent/vectors/chunk_0.mmap"])
+def test_a_truncated_engine_file_is_one_store_error_naming_the_collection(tmp_path, damaged):
+    import os
+
+    path = _collection(tmp_path)
+    (target,) = path.glob(f"segments/*/{damaged}")
+    os.truncate(target, 100)
+    with LatentStore.open("c", path=path) as store, pytest.raises(StoreError, match=f"collection at {path} failed to search.*restore {path} from a backup"):
+        store.search(_passages(1)[0].dense, top_k=4)
+
+
+@pytest.mark.slow
+def test_bad_paths_and_a_damaged_collection_on_the_command_line(tmp_path, tiny_checkpoint):
+    import os
+
+    folder, store = tmp_path / "d", tmp_path / "s"
+    folder.mkdir()
+    (folder / "paris.txt").write_text("Paris is the capital of France. It lies on the Seine.")
+    (folder / "selfloop").symlink_to("selfloop")
+    os.mkfifo(folder / "notes.txt")
+    args = ("ingest", str(folder), str(folder / "paris.txt"), "--collection", "c", "--path", str(store), "--checkpoint", tiny_checkpoint)
+    res = _cli(*args)
+    assert res.returncode == 1, res.stderr[-2000:]  # done, with failed sources; no hang on the FIFO
+    assert "notes.txt: not a regular file (a FIFO)" in res.stderr and "selfloop: unreadable" in res.stderr
+    assert "paris.txt: duplicate document id" in res.stderr and "documents 1, passages 1 (written 1" in res.stdout
+    (store / "lclm_collection.json").unlink()
+    _one_line_error(_cli(*args, "--latent-dtype", "float16"), 3, "holds 1 point but no collection spec")
+    assert not (store / "lclm_collection.json").exists()
+    _one_line_error(_cli("ingest", str(folder), "--collection", "c", "--path", str(tmp_path / "new"), "--chunk-tokens", "0"), 2,
+                    "chunk_tokens must be positive")
+    assert not (tmp_path / "new").exists()

@@ -5,7 +5,8 @@ Point schema
     vector ``latent``  the passage's latents, a multivector: float16, MAX_SIM, HNSW off (m=0):
                        stored, never indexed; read back with the search hits (one round trip)
     payload            text, doc_id, source, chunk_index, start_char, end_char, num_tokens,
-                       content_hash, fingerprint, ratio (+ the document's own metadata)
+                       content_hash, fingerprint, ratio (+ the document's own metadata; its fields
+                       named like these are kept under ``user_fields`` instead)
 
 A collection records its compressor (fingerprint, ratio, latent width) and embedding model;
 opening it with another compressor fails with a message naming both.
@@ -59,7 +60,7 @@ class LatentStore:
         if spec is None and (stray := self.backend.stray_points()):
             edge = getattr(self.backend, "dir", None)
             where, spec_at = (edge, META_FILE) if edge else (getattr(self.backend, "location", ""), "'lclm_rag' metadata")
-            raise StoreError(f"collection {self.name!r} at {where} holds {stray} points but no collection spec "
+            raise StoreError(f"collection {self.name!r} at {where} holds {stray} point{'s' * (stray != 1)} but no collection spec "
                              f"({spec_at}): nothing says which compressor and latent type wrote them. Restore the "
                              "spec from a backup, or ingest into a new collection")
         return spec
