@@ -77,6 +77,11 @@ class IngestReport:
     bytes_stored: int | None = None
     seconds: float = 0.0
 
+    def messages(self) -> list[str]:
+        """What a user must see besides the summary: fields kept under ``user_fields``, then failed sources."""
+        return ([f"note: {source}: fields named like the system's are stored under 'user_fields': {', '.join(sorted(names))}"
+                 for source, names in self.renamed.items()] + [f"failed: {f.source}: {f.reason}" for f in self.failed])
+
     def summary(self) -> str:
         size = "n/a" if self.bytes_stored is None else f"{self.bytes_stored / 1e6:.1f} MB"
         return (

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, check_chunking
+from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
 from lclm_rag.cli_args import (
     add_engine_args,
     add_store_args,
@@ -71,9 +71,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)  # the argument checks first: a mistake fails before the heavy imports
     if args.ray_workers is not None and args.ray is None:
         raise InputError("--ray-workers needs --ray")
-    check_chunking(args.chunk_tokens, args.overlap)  # nothing is created for settings no text can be chunked with
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_store_path(args)
     from lclm_rag.embedding import Embedder
     from lclm_rag.ingest.pipeline import Ingestor
@@ -96,11 +93,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                                        text_field=args.text_field, progress=not args.no_progress)
         if ingestor.spec.latents_on_disk:
             store.optimize()  # latents leave the engine's in-RAM appendable segments only when optimized
-    for source, names in report.renamed.items():
-        print(f"note: {source}: fields named like the system's are stored under 'user_fields': {', '.join(sorted(names))}",
-              file=sys.stderr)
-    for failure in report.failed:
-        print(f"failed: {failure.source}: {failure.reason}", file=sys.stderr)
+    for line in report.messages():
+        print(line, file=sys.stderr)
     print(report.summary())
     return EXIT_PARTIAL if report.failed else 0
 
