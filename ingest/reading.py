@@ -145,7 +145,7 @@ def read_file(path: Path, text_field: str = "text") -> list[SourceDocument]:
 def _read_records(raw: bytes, key: str, source: str, ext: str, text_field: str) -> list[SourceDocument]:
     kind = ext[1:].upper()
     try:
-        content = raw.decode("utf-8")
+        content = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the JSON
         records = [json.loads(line) for line in content.splitlines() if line.strip()] if ext == ".jsonl" else json.loads(content)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"invalid {kind}: {exc}") from exc

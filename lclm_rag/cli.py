@@ -16,13 +16,13 @@ from lclm_rag.cli_args import (
     add_store_args,
     budget_or_none,
     check_engine_args,
+    check_ingest_args,
     check_question,
     check_store_path,
     expand_count,
     fraction,
     load_reader,
     open_store,
-    parse_shard,
     quiet_progress_bars,
     use_engine_from_args,
 )
@@ -68,9 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    shard = parse_shard(args.shard)  # the argument checks first: a mistake fails before the heavy imports
-    if args.ray_workers is not None and args.ray is None:
-        raise InputError("--ray-workers needs --ray")
+    shard = check_ingest_args(args)  # the argument checks first: a mistake fails before the heavy imports
     check_store_path(args)
     from lclm_rag.embedding import Embedder
     from lclm_rag.ingest.pipeline import Ingestor

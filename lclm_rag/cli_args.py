@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from lclm_rag.chunking import check_chunking
 from lclm_rag.errors import InputError, StoreError
 
 MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
@@ -135,6 +136,18 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     if not 0 <= index < count:
         raise InputError(f"--shard {value}: need 0 <= i < n")
     return index, count
+
+
+def check_ingest_args(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The ingest command's own checks, before the models load or a collection is created (so a
+    mistake leaves nothing behind); returns --shard as (i, n)."""
+    shard = parse_shard(args.shard)
+    if args.ray_workers is not None and args.ray is None:
+        raise InputError("--ray-workers needs --ray")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_chunking(args.chunk_tokens, args.overlap)
+    return shard
 
 
 def quiet_progress_bars() -> None:

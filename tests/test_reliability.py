@@ -170,11 +170,16 @@ def test_points_without_a_spec_are_refused_never_relabelled(tmp_path):
         assert store.count() == 0
 
 
-@pytest.mark.parametrize("damaged", ["payload_storage/page_0.dat", "vector_storage-latent/vectors/chunk_0.mmap"])
+@pytest.mark.parametrize("damaged", ["payload_storage/page_0.dat", "vector_storage-latent/vectors/chunk_0.mmap", "edge_config.json"])
 def test_a_truncated_engine_file_is_one_store_error_naming_the_collection(tmp_path, damaged):
     import os
 
     path = _collection(tmp_path)
+    if damaged == "edge_config.json":  # the engine's own config gone: damaged, not "a folder of other files"
+        (path / damaged).unlink()
+        with pytest.raises(StoreError, match=f"collection at {path} has lost its edge_config.json.*restore {path} from a backup"):
+            LatentStore.open("c", path=path)
+        return
     (target,) = path.glob(f"segments/*/{damaged}")
     os.truncate(target, 100)
     with LatentStore.open("c", path=path) as store, pytest.raises(StoreError, match=f"collection at {path} failed to search.*restore {path} from a backup"):

@@ -106,6 +106,8 @@ class EdgeBackend(Backend):
         if not (self.dir / "edge_config.json").exists():
             if any(p.name != LOCK_FILE for p in self.dir.iterdir()):
                 self._release()
+                if (self.dir / META_FILE).exists() or (self.dir / "segments").exists():
+                    raise StoreError(f"the embedded collection at {self.dir} has lost its edge_config.json. {self._fix()}")
                 raise StoreError(f"{self.dir} holds other files and no collection: choose an empty or new --path")
             return
         try:
