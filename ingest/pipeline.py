@@ -33,7 +33,7 @@ from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node, point_id
-from lclm_rag.store.base import with_user_fields
+from lclm_rag.store.base import USER_FIELDS, with_user_fields
 
 __all__ = ["TEXT_EXTENSIONS", "FailedSource", "IngestPlan", "IngestReport", "Ingestor", "SourceDocument", "clean_text",
            "in_shard", "read_file"]
@@ -256,7 +256,7 @@ class Ingestor:
                 chunks = [Chunk(doc.text, 0, 0, len(doc.text), n_tokens)] if doc.text.strip() else []
             else:
                 chunks = chunk_text(doc.text, tok, self.chunk_tokens, self.overlap)
-            new = {}
+            new, renamed = {}, False
             for c in chunks:
                 digest = content_hash(c.text)
                 pid = id_for_node(doc.node_id) if doc.node_id is not None else point_id(doc.doc_id, c.index, digest)
@@ -266,11 +266,16 @@ class Ingestor:
                 }, doc.metadata)
                 if moved:
                     report.renamed.setdefault(doc.source, set()).update(moved)
+                    renamed = True
                 new[pid] = StoredPassage(pid, c.text, payload)
             existing = self.store.ids_of_doc(doc.doc_id)
             if doc.node_id is not None and existing & new.keys():  # same node id, maybe new text
                 for old in self.store.retrieve(list(existing & new.keys()), with_latents=False):
                     if old.payload.get("content_hash") != new[old.id].payload["content_hash"]:
+                        existing = existing - {old.id}
+            if renamed and existing & new.keys():  # written when the document's fields replaced the system's: rewrite
+                for old in self.store.retrieve(list(existing & new.keys()), with_latents=False):
+                    if old.payload.get(USER_FIELDS) != new[old.id].payload[USER_FIELDS]:
                         existing = existing - {old.id}
             report.passages += len(new)
             report.skipped += len(existing & new.keys())

@@ -323,7 +323,8 @@ def _owls_and_bats(folder: Path) -> Path:
     (folder / "meta.jsonl").write_text(
         json.dumps({"id": "r1", "text": "Owls are birds of prey that hunt mostly at night.", "doc_id": eiffel}) + "\n"
         + json.dumps({"id": "r2", "text": "Bats are flying mammals that use echolocation.", "doc_id": "something-else",
-                      "chunk_index": 7, "topic": "bats"}) + "\n")
+                      "chunk_index": 7, "topic": "bats"}) + "\n"
+        + json.dumps({"id": "r3", "text": "Storks migrate to Africa in autumn.", "source": "elsewhere"}) + "\n")
     return folder
 
 
@@ -337,8 +338,8 @@ def test_a_records_own_fields_never_replace_the_systems(tmp_path, make_compresso
         old.setattr(pipeline, "with_user_fields", lambda system, user: ({**system, **user}, []))
         ingestor.ingest_paths([folder], progress=False)
     total = store.count()
-    first = ingestor.ingest_paths([folder], prune=True, progress=False)  # rewrites the two records' payloads, loses nothing
-    assert (first.written, first.deleted, first.pruned, store.count()) == (2, 0, 0, total)
+    first = ingestor.ingest_paths([folder], prune=True, progress=False)  # rewrites the three records' payloads, loses nothing
+    assert (first.written, first.deleted, first.pruned, store.count()) == (3, 0, 0, total)
     for _ in range(2):
         again = ingestor.ingest_paths([folder], prune=True, progress=False)
         assert (again.written, again.deleted, again.pruned, store.count()) == (0, 0, 0, total)
@@ -347,7 +348,9 @@ def test_a_records_own_fields_never_replace_the_systems(tmp_path, make_compresso
     assert owl.payload["user_fields"] == {"doc_id": (folder / "eiffel.txt").resolve().as_posix()}
     assert bat.payload["chunk_index"] == 0 and bat.payload["user_fields"] == {"chunk_index": 7, "doc_id": "something-else"}
     assert bat.payload["topic"] == "bats"  # other fields keep their place
-    assert again.renamed == {str(folder / "meta.jsonl"): {"doc_id", "chunk_index"}}
+    (stork,) = store.retrieve(list(store.ids_of_doc(f"{meta}#r3")), with_latents=False)
+    assert stork.payload["source"] == str(folder / "meta.jsonl") and stork.payload["user_fields"] == {"source": "elsewhere"}
+    assert again.renamed == {str(folder / "meta.jsonl"): {"doc_id", "chunk_index", "source"}}
     store.close()
 
 
