@@ -213,7 +213,11 @@ class Ingestor:
         return self.ingest_sources(docs, progress=progress)
 
     def ingest_sources(self, docs: Sequence[SourceDocument], progress: bool = False) -> IngestReport:
-        """Ingest documents already read (no LlamaIndex objects needed)."""
+        """Ingest documents already read (no LlamaIndex objects needed); one the store cannot hold is
+        refused before anything is written."""
+        for doc in docs:
+            if problem := unstorable(doc):
+                raise InputError(problem)
         report = IngestReport()
         start = time.perf_counter()
         self._ingest(list(docs), report, progress)

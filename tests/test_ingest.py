@@ -105,6 +105,9 @@ def test_llama_index_documents(tmp_path, make_compressor, embedder):
     assert hit.payload["topic"] == "geo" and hit.text.startswith("Mount Everest")
     with pytest.raises(InputError):
         ingestor.ingest_documents([object()])
+    with pytest.raises(InputError, match="field 'score' is nan"):  # refused before anything is written
+        ingestor.ingest_documents([Document(text="Storks migrate.", metadata={"score": float("nan")})])
+    assert store.count() == 2
 
 
 def test_latent_placement_is_chosen_at_creation(tmp_path, make_compressor, embedder):

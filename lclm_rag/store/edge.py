@@ -120,7 +120,7 @@ class EdgeBackend(Backend):
         return_freed_heap()
 
     def _fix(self) -> str:
-        return (f"Its files are damaged or were written by another engine version: restore {self.dir} from a backup, "
+        return (f"Its files may be damaged or from another engine version: restore {self.dir} from a backup, "
                 "or move it away and ingest again")
 
     def _engine(self, what: str, fn, *args):
