@@ -260,15 +260,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench.markdown_table(result["rows"]))
     if args.what == "engines":  # not in "all": it starts a vLLM engine per prefix-caching setting
         from lclm_rag.evaluation.engine_bench import run_engine_benchmark
-
         result = run_engine_benchmark(args.checkpoint, engines=args.engines.split(","), output=f"{args.output_dir}/bench_engines.json")
         print(bench.markdown_table(result["throughput"]))
     if args.what == "capacity":  # not in "all": it writes two collections of --passages passages
         from lclm_rag.evaluation.capacity import run_capacity_benchmark
-
         result = run_capacity_benchmark(n=args.passages, output=f"{args.output_dir}/bench_capacity.json",
                                         latent_dtypes=args.latent_dtypes.split(","))
         print(bench.markdown_table(result["rows"]))
+    if args.what == "train":  # not in "all": optimizer steps of --config's QA stage, padded and unpadded
+        from lclm_rag.training.bench import run_training_benchmark
+        print(run_training_benchmark(args.config, steps=2 if args.quick else 6, output=f"{args.output_dir}/bench_train.json"))
     if args.what in ("ingest", "all"):
         n = 200 if args.quick else args.passages
         result = bench.run_ingest_benchmark(n=n, component_n=min(n, 1000), output=f"{args.output_dir}/bench_ingest.json")
@@ -341,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="RAG quality and cost on SQuAD-format records: compressed vs full text vs LongLLMLingua")
     p.add_argument("data", help="JSONL with context, question, answers; the distinct contexts become the corpus")
     p.add_argument("--checkpoint", action="append", help="repeat for each ratio (default: the packaged default)")
-    p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, llmlingua, gold-text, "
-                                   "gold-latent (default all); --gold: none, text, text-base, latent, latent-control")
+    p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, llmlingua, gold-text, gold-latent "
+                   "(default all); --gold: none, text, text-base, latent, latent-control, key-terms, lead, latent+key-terms[-control]")
     p.add_argument("--gold", action="store_true", help="reading only: each question with its gold passage, batched")
     p.add_argument("--latent-dtype", choices=["float16", "uint8"],
                    help="--gold: latents as a collection of this type gives them back (default: as the encoder made them)")
@@ -408,10 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compression throughput and decoder time-to-first-token")
     p.add_argument("--checkpoint")
-    p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "engines", "capacity", "all"], default="all",
-                   help="all = core, query and ingest; engines: --engines side by side (TTFT against k, batch "
-                        "throughput, vLLM with prefix caching off and on); capacity: memory and latency of a "
-                        "--passages collection, latents in RAM vs on disk")
+    p.add_argument("what", nargs="?", choices=["core", "query", "ingest", "engines", "capacity", "train", "all"], default="all",
+                   help="all = core, query and ingest; engines: --engines side by side (TTFT against k, batch throughput, "
+                        "vLLM with prefix caching off and on); capacity: memory and latency of a --passages collection, "
+                        "latents in RAM vs on disk; train: QA examples per hour of --config")
+    p.add_argument("--config", help="with train: the recipe whose first QA stage is timed")
     p.add_argument("--engines", default="hf,vllm", help="with engines: comma-separated decode engines (hf, vllm)")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion and capacity benchmarks")

@@ -137,9 +137,10 @@ class LatentDecoder(nn.Module):
         """Decoder token ids of ``text`` (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def qa_user_message(self, question: str, num_slots: int) -> str:
-        """The user turn for a question over ``num_slots`` passages, with this model's instruction."""
-        return qa_message(self.config.qa_instruction, question, num_slots, self.config.prompt_template)
+    def qa_user_message(self, question: str, num_slots: int, notes: Sequence[str] | None = None) -> str:
+        """The user turn for a question over ``num_slots`` passages, with this model's instruction
+        (``notes``: text after each passage, e.g. its sidecar of exact strings)."""
+        return qa_message(self.config.qa_instruction, question, num_slots, self.config.prompt_template, notes)
 
     def segments(self, user_message: str, slots: Sequence[Slot]) -> list[Segment]:
         """Render the chat template (with the generation prompt) and cut it at the latent slots.

@@ -9,6 +9,7 @@ model is always asked the way it was trained.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,34 +48,41 @@ class Segment:
         return len(self.token_ids) if self.token_ids is not None else latent_positions(self.latents.shape[0])
 
 
-def qa_message(instruction: str, question: str, num_slots: int, template: str = "lclm-rag") -> str:
+def qa_message(instruction: str, question: str, num_slots: int, template: str = "lclm-rag",
+               notes: Sequence[str] | None = None) -> str:
     """The user turn for a question over ``num_slots`` passages (slot markers inline).
 
     ``template``: ``lclm-rag`` (ours: instruction, ``Context:`` with ``[i]`` per passage, then
     ``Question:``), ``lclm`` (LCLM's documented prompt: each passage between its memory boundaries,
     then the question) or a text with ``{context}`` (the passages, one ``[i]`` line each) and
-    ``{question}`` fields.
+    ``{question}`` fields. ``notes``: text put right after each passage's slot (a passage's sidecar
+    of exact strings, `lclm_rag.sidecar`), one per slot, empty for none.
     """
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty")
     question = question.strip()
+    notes = list(notes) if notes is not None else [""] * num_slots
+    if len(notes) != num_slots:
+        raise InputError(f"{len(notes)} notes for {num_slots} passages")
+    slots = [slot_marker(i) + (f" {note}" if note else "") for i, note in enumerate(notes)]
     if template == "lclm":
-        return "".join(slot_marker(i) for i in range(num_slots)) + ("\n" if num_slots else "") + question
+        return "".join(slots) + ("\n" if num_slots else "") + question
     if template != "lclm-rag":
-        context = "\n".join(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
+        context = "\n".join(f"[{i + 1}] {slot}" for i, slot in enumerate(slots))
         return template.format(context=context, question=question)
     parts = [instruction, ""]
     if num_slots:
         parts.append("Context:")
-        parts.extend(f"[{i + 1}] {slot_marker(i)}" for i in range(num_slots))
+        parts.extend(f"[{i + 1}] {slot}" for i, slot in enumerate(slots))
         parts.append("")
     parts.append(f"Question: {question}")
     return "\n".join(parts)
 
 
-def restoration_message() -> str:
-    """Rebuild the passage in slot 0 word for word (restoration training and its evaluation)."""
-    return f"{slot_marker(0)}\n\n{RESTORE_PROMPT}"
+def restoration_message(note: str = "") -> str:
+    """Rebuild the passage in slot 0 word for word (restoration training and its evaluation);
+    ``note``: its sidecar, after the latents."""
+    return f"{slot_marker(0)}{' ' + note if note else ''}\n\n{RESTORE_PROMPT}"
 
 
 def continuation_message() -> str:

@@ -11,6 +11,7 @@ LAYERS = [  # (rank, module prefixes)
     (1, ["lclm_rag.config", "lclm_rag.projector", "lclm_rag.prompt", "lclm_rag.compressor", "lclm_rag.decoder",
          "lclm_rag.engine", "lclm_rag.model", "lclm_rag.checkpoint"]),
     (2, ["lclm_rag.chunking", "lclm_rag.embedding", "lclm_rag.store", "lclm_rag.ingest", "lclm_rag.planning", "lclm_rag.skim",
+         "lclm_rag.sidecar",
          "lclm_rag.data"]),
     (3, ["lclm_rag.integrations"]),
     (4, ["lclm_rag.evaluation"]),

@@ -261,3 +261,16 @@ def test_expansion_recall_counts_the_gold_passage_per_policy(tmp_path, model):
     assert json.loads((tmp_path / "recall.json").read_text())["scores"] == result["scores"]
     with pytest.raises(InputError, match="counts must lie in"):
         run_expansion_recall(data, model, top_k=3, counts=(4,), workdir=tmp_path / "w")
+
+
+def test_equal_position_text_forms_take_no_more_positions_than_the_latents(model):
+    records = [{"context": "The Eiffel Tower in Paris was built by Gustave Eiffel from 1887 to 1889 for the World's Fair, "
+                           "and 6.91 million people visited it in 2015.", "question": "Who built it?", "answers": ["Gustave Eiffel"]}]
+    latent, _ = evaluate_gold_passage(model, records, "latent", max_new_tokens=2)
+    for mode in ("key-terms", "lead"):
+        scores, preds = evaluate_gold_passage(model, records, mode, max_new_tokens=2)
+        assert 0 < scores.passage_positions <= latent.passage_positions and len(preds) == 1
+    sidecar, _ = evaluate_gold_passage(model, records, "latent+key-terms", max_new_tokens=2)
+    control, _ = evaluate_gold_passage(model, records + RECORDS, "latent+key-terms-control", max_new_tokens=2)
+    assert sidecar.passage_positions > latent.passage_positions + 10  # "Key terms: Eiffel Tower; Paris; ..."
+    assert control.n == 3

@@ -387,3 +387,73 @@ def test_recipes_compose_from_a_base(tmp_path, tiny_models):
         TrainConfig.load(tmp_path / "broken.json")
     with pytest.raises(ConfigError, match="does not exist"):
         TrainConfig.load(tmp_path / "missing.json")
+
+
+def _tiny_model_and_source(tmp_path, tiny_models, **stage):
+    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "step"))
+    if stage:
+        cfg.stages[1] = dataclasses.replace(cfg.stages[1], **stage)
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    return cfg, model, ExampleSource(cfg, model)
+
+
+def test_the_unpadded_step_has_the_padded_steps_loss_and_gradients(tmp_path, tiny_models):
+    from lclm_rag.training.objectives import TrainingModule
+    from lclm_rag.training.parts import set_trainable
+
+    cfg, model, source = _tiny_model_and_source(tmp_path, tiny_models)
+    batch = [source.example(1, cfg.stages[1], i) for i in range(6)]
+    assert {ex.task for ex in batch} == {"qa", "restoration"}  # prompts of very different lengths
+    params = set_trainable(model, ["projector", "boundary", "decoder_lora"])
+    model.train()
+    results = []
+    for unpadded in (False, True):
+        loss, metric, value = TrainingModule(model, unpadded=unpadded, cache_latents=False)(batch, False)
+        loss.backward()
+        results.append((loss.item(), value, [p.grad.clone() for p in params]))
+        model.zero_grad()
+    (padded_loss, padded_acc, padded_grads), (loss, acc, grads) = results
+    assert loss == pytest.approx(padded_loss, rel=1e-5) and acc == padded_acc
+    for a, b in zip(padded_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_latents_are_cached_only_while_the_compressor_is_frozen(tmp_path, tiny_models):
+    from lclm_rag.training.objectives import TrainingModule
+
+    _, model, source = _tiny_model_and_source(tmp_path, tiny_models)
+    passages = source.qa_pool[:3]
+    wrapper = TrainingModule(model)
+    first = wrapper.latents(passages, encoder_trainable=False)
+    calls = model.compressor.encoder_calls
+    again = wrapper.latents(passages[::-1], encoder_trainable=False)
+    assert model.compressor.encoder_calls == calls  # no encoder forward: every passage came from the cache
+    for a, b in zip(first, again[::-1]):
+        assert a is b and not a.requires_grad
+    torch.testing.assert_close(first[0], model.compressor.encode_ids(model.compressor.tokenize(passages[:1]))[0])
+    model.compressor.requires_grad_(True)
+    trained = wrapper.latents(passages, encoder_trainable=True)
+    assert trained[0].requires_grad and not wrapper._latents  # a step that trains the encoder empties the cache
+
+
+def test_a_sidecar_stage_puts_each_passages_key_terms_after_its_latents(tmp_path, tiny_models):
+    from lclm_rag.sidecar import key_terms
+
+    cfg, _, source = _tiny_model_and_source(tmp_path, tiny_models, key_terms=4, mix_restoration=0.0)
+    ex = source.example(1, cfg.stages[1], 0)
+    for i, passage in enumerate(ex.passages):
+        terms = key_terms(passage, 4)
+        assert terms and f"{i + 1}] \u2063SLOT{i}\u2063 Key terms: {'; '.join(terms)}\n" in ex.user_message
+    with pytest.raises(ConfigError, match="key_terms"):
+        TrainConfig.from_dict({"output_dir": "x", "stages": [{"name": "qa", "steps": 1, "key_terms": -1}]})
+
+
+def test_the_training_benchmark_times_both_steps_on_the_same_examples(tmp_path, tiny_models):
+    from lclm_rag.training.bench import bench_training
+
+    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "bench"))
+    result = bench_training(cfg, steps=2)
+    padded, unpadded = result["rows"]
+    assert result["stage"] == "qa" and result["qa_examples"] > 0 and result["speedup"] > 0
+    assert padded["losses"] == pytest.approx(unpadded["losses"], rel=1e-4)  # the same learning, step by step
+    assert unpadded["cache_fill_s_per_passage"] > 0 and padded["qa_examples_per_hour"] > 0

@@ -10,9 +10,26 @@ from pathlib import Path
 
 from lclm_rag.data import sample_records
 from lclm_rag.evaluation.metrics import QAScores, score_predictions
+from lclm_rag.prompt import latent_positions
+from lclm_rag.sidecar import fit_key_terms, key_terms, sidecar_text
 from lclm_rag.store.quantize import as_stored
 
-GOLD_MODES = ("none", "text", "text-base", "latent", "latent-control")
+GOLD_MODES = ("none", "text", "text-base", "latent", "latent-control", "key-terms", "lead", "latent+key-terms",
+              "latent+key-terms-control")
+EQUAL_POSITION_MODES = ("key-terms", "lead")  # text cut to the positions the passage's latents take
+SIDECAR_TERMS = 12  # key terms after the latents in the latent+key-terms modes
+
+
+def _lead(decoder, text: str, positions: int) -> str:
+    """The passage's first ``positions`` decoder tokens, as text."""
+    return decoder.tokenizer.decode(decoder.text_ids(text)[:positions])
+
+
+def _equal_position_text(model, mode: str, text: str, positions: int) -> str:
+    dec = model.decoder
+    if mode == "lead":
+        return _lead(dec, text, positions)
+    return fit_key_terms(text, positions, lambda t: len(dec.text_ids(t))) or _lead(dec, text, positions)
 
 
 def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tokens: int = 32, batch_size: int = 8,
@@ -23,30 +40,54 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
     adapters disabled (the base decoder); ``latent`` the passage compressed; ``latent-control``
     the latents of *another* question's passage (what the decoder answers from its prior).
     ``latent_dtype`` ("float16", "uint8"): latents as a collection of that type gives them back
-    (None: as the encoder made them).
+    (None: as the encoder made them). Query-independent text at the latents' own positions, read by
+    the same decoder, is the bar latents must clear: ``key-terms`` (the passage's names and numbers,
+    `lclm_rag.sidecar`; its lead where it has none) and ``lead`` (its first tokens).
+    ``latent+key-terms``: the latents with their sidecar of key terms after them;
+    ``latent+key-terms-control``: another passage's latents with this passage's key terms.
+    Returns the scores (with the passage's mean prompt positions) and the predictions.
     """
     if mode not in GOLD_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {GOLD_MODES}")
     base = model.decoder.base() if mode == "text-base" else contextlib.nullcontext()
     preds: list[str] = []
+    positions: list[int] = []
     start = time.perf_counter()
     with base:
         for b in range(0, len(records), batch_size):
             batch = records[b : b + batch_size]
             questions = [r["question"] for r in batch]
+            notes = None
             if mode == "none":
                 contexts = [[] for _ in batch]
             elif mode in ("text", "text-base"):
                 contexts = [[r["context"]] for r in batch]
             else:
                 latents = model.compress([r["context"] for r in batch])
-                if mode == "latent-control":
-                    latents = latents[1:] + latents[:1] if len(latents) > 1 else model.compress([records[(b + len(batch)) % len(records)]["context"]])
-                if latent_dtype is not None:
-                    latents = [as_stored(lat, latent_dtype) for lat in latents]
-                contexts = [[lat] for lat in latents]
-            preds.extend(model.answer(questions, contexts, max_new_tokens=max_new_tokens))
-    return score_predictions(mode, preds, records, time.perf_counter() - start), preds
+                if mode in EQUAL_POSITION_MODES:
+                    contexts = [[_equal_position_text(model, mode, r["context"], latent_positions(len(lat)))]
+                                for r, lat in zip(batch, latents)]
+                else:
+                    if mode.endswith("-control"):
+                        latents = latents[1:] + latents[:1] if len(latents) > 1 else model.compress([records[(b + len(batch)) % len(records)]["context"]])
+                    if latent_dtype is not None:
+                        latents = [as_stored(lat, latent_dtype) for lat in latents]
+                    contexts = [[lat] for lat in latents]
+                    if "key-terms" in mode:
+                        notes = [[sidecar_text(key_terms(r["context"], SIDECAR_TERMS))] for r in batch]
+            prompts = [model.decoder.segments(model.decoder.qa_user_message(q, len(c), n), c)
+                       for q, c, n in zip(questions, contexts, notes or [None] * len(batch))]
+            positions.extend(_passage_positions(model, prompts, q) for prompts, q in zip(prompts, questions))
+            preds.extend(model.decoder.generate_from_segments(prompts, max_new_tokens=max_new_tokens))
+    scores = score_predictions(mode, preds, records, time.perf_counter() - start)
+    scores.passage_positions = sum(positions) / max(len(positions), 1)
+    return scores, preds
+
+
+def _passage_positions(model, segments, question: str) -> int:
+    """Prompt positions beyond those of the same question asked with no passage: what the passage costs."""
+    empty = model.decoder.segments(model.decoder.qa_user_message(question, 0), [])
+    return sum(s.positions for s in segments) - sum(s.positions for s in empty)
 
 
 def run_gold_eval(model, data: str | Path, modes: Sequence[str], limit: int, seed: int = 0, max_new_tokens: int = 32,

@@ -73,6 +73,7 @@ class QAScores:
     numeric_em: float | None = None  # None: no such question in the sample
     capitalised_n: int = 0
     capitalised_em: float | None = None
+    passage_positions: float | None = None  # mean prompt positions the passage takes (gold evaluation)
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()

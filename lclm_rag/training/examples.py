@@ -10,6 +10,7 @@ from lclm_rag.data import load_records, shared_contexts
 from lclm_rag.errors import ConfigError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.prompt import continuation_message, restoration_message
+from lclm_rag.sidecar import key_terms, sidecar_text
 from lclm_rag.training.recipe import StageConfig, TrainConfig
 
 
@@ -21,18 +22,21 @@ class Example:
     task: str = "restoration"  # restoration | continuation | qa
 
 
-def restoration_example(passage: str) -> Example:
-    return Example([passage], restoration_message(), passage)
+def restoration_example(passage: str, terms: int = 0) -> Example:
+    return Example([passage], restoration_message(sidecar_text(key_terms(passage, terms)) if terms else ""), passage)
 
 
 def continuation_example(first: str, second: str) -> Example:
     return Example([first], continuation_message(), second, task="continuation")
 
 
-def qa_example(model: LatentContextModel, record: dict, pool: list[str], distractors: int, rng: random.Random) -> Example:
+def qa_example(model: LatentContextModel, record: dict, pool: list[str], distractors: int, rng: random.Random,
+               terms: int = 0) -> Example:
+    """The question over its gold passage and ``distractors`` others, shuffled; ``terms``: each passage's sidecar."""
     passages = [record["context"]] + rng.sample(pool, distractors)
     rng.shuffle(passages)
-    return Example(passages, model.decoder.qa_user_message(record["question"], len(passages)), record["answers"][0], task="qa")
+    notes = [sidecar_text(key_terms(p, terms)) for p in passages] if terms else None
+    return Example(passages, model.decoder.qa_user_message(record["question"], len(passages), notes), record["answers"][0], task="qa")
 
 
 def corpus_split(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -74,14 +78,14 @@ class ExampleSource:
         seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
         rng = random.Random(f"{seed}-{stage_index}-{position}")
         if stage.name != "restoration" and rng.random() < stage.mix_restoration:
-            return restoration_example(rng.choice(self._need(self.chunks, "corpus")))
+            return restoration_example(rng.choice(self._need(self.chunks, "corpus")), stage.key_terms)
         if stage.name in ("restoration", "alignment"):
-            return restoration_example(self._need(self.chunks, "corpus")[rng.randrange(len(self.chunks))])
+            return restoration_example(self._need(self.chunks, "corpus")[rng.randrange(len(self.chunks))], stage.key_terms)
         if stage.name == "continuation":
             return continuation_example(*self._need(self.pairs, "corpus")[rng.randrange(len(self.pairs))])
         record = self._need(self.qa, "qa_data")[rng.randrange(len(self.qa))]
         pool = [c for c in rng.sample(self.qa_pool, min(len(self.qa_pool), stage.distractors + 1)) if c != record["context"]]
-        return qa_example(self.model, record, pool, min(stage.distractors, len(pool)), rng)
+        return qa_example(self.model, record, pool, min(stage.distractors, len(pool)), rng, stage.key_terms)
 
     @staticmethod
     def _need(items: list, what: str) -> list:

@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
     fresh_projector = not cfg.init_from or "projector" in cfg.reinit  # a trained projector keeps its statistics
     if resume is None and fresh_projector and cfg.calibration_passages:
         _calibrate(model, source, cfg.calibration_passages, cfg.seed)
-    wrapper = TrainingModule(model)
+    wrapper = TrainingModule(model, unpadded=cfg.unpadded, cache_latents=cfg.cache_latents)
     log_path = out / "log.jsonl"
     steps_this_call = 0
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -176,7 +176,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 if state["step"] % cfg.eval_every == 0 or state["step"] == stage.steps:
-                    _evaluate(model, source, cfg, state, log_path, qa=state["step"] == stage.steps)
+                    _evaluate(model, source, cfg, state, log_path, qa=state["step"] == stage.steps,
+                              mode="latent+key-terms" if stage.key_terms else "latent")
                     model.train()
                 if state["step"] % cfg.save_every == 0 or state["step"] == stage.steps:
                     done = state["step"] == stage.steps  # a finished stage resumes at the next one
@@ -193,7 +194,9 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
 
 
 @torch.no_grad()
-def _evaluate(model: LatentContextModel, source: ExampleSource, cfg: TrainConfig, state: dict, log_path: Path, qa: bool) -> None:
+def _evaluate(model: LatentContextModel, source: ExampleSource, cfg: TrainConfig, state: dict, log_path: Path, qa: bool,
+              mode: str = "latent") -> None:
+    """Restoration on held-out passages; with ``qa``, gold-passage QA read as ``mode`` (the stage's form)."""
     model.eval()
     record = {"type": "eval", "global_step": state["global_step"], "elapsed_s": round(state["elapsed"], 1)}
     if source.eval_chunks:
@@ -201,7 +204,7 @@ def _evaluate(model: LatentContextModel, source: ExampleSource, cfg: TrainConfig
         record["restoration_acc_control"] = round(restoration_accuracy(model, source.eval_chunks, control=True), 4)
     if qa and cfg.qa_eval_file:
         records = sample_records(cfg.qa_eval_file, cfg.qa_eval_samples, seed=cfg.seed)
-        scores, _ = evaluate_gold_passage(model, records, "latent")
+        scores, _ = evaluate_gold_passage(model, records, mode)
         record.update({f"qa_{k}": v for k, v in scores.as_dict().items() if k != "mode"})
     logger.info("eval %s", record)
     with log_path.open("a") as fh:

@@ -29,6 +29,8 @@ class StageConfig:
     part_lr: dict[str, float] = field(default_factory=dict)  # per-part peak lr, e.g. {"decoder_lora": 1e-4} (LCLM: adapter 1e-3, LM 6e-5)
     ratio: int | None = None  # compress 1 per `ratio` tokens in this stage (mean pooling); None: the model's
     answers: str = "gold"  # qa targets: "gold" answers, or "teacher": the full-text teacher's greedy answers (PISCO)
+    key_terms: int = 0  # each passage's sidecar: at most this many of its names and numbers as text after its
+    #                     latents (lclm_rag.sidecar); 0: latents only
 
     def __post_init__(self) -> None:
         if self.name not in STAGES:
@@ -43,6 +45,8 @@ class StageConfig:
         if self.name == "alignment" and ("projector" not in self.train or set(self.train) & DECODER_PARTS):
             raise ConfigError("the alignment stage trains the projector and, optionally, the parts that make the latents "
                               f"({sorted(ENCODER_PARTS)}); the decoder does not run, got {sorted(self.train)}")
+        if isinstance(self.key_terms, bool) or not isinstance(self.key_terms, int) or self.key_terms < 0:
+            raise ConfigError(f"stage {self.name}: key_terms must be a count >= 0, got {self.key_terms!r}")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio <= 0):
             raise ConfigError(f"stage {self.name}: ratio must be a positive integer, got {self.ratio!r}")
         stray = set(self.part_lr) - set(self.train)
@@ -77,6 +81,9 @@ class TrainConfig:
     data_seed: int | None = None  # draw the example streams from this seed instead (keeps `seed`'s split):
     # a run continued from a checkpoint of the same recipe family then sees new examples
     mixed_precision: str = "no"  # "no" on CPU (fp32); "bf16" on GPUs
+    unpadded: bool = True  # each example teacher-forced in a forward of its own (no padding; the same loss as
+    #                        a padded batch); false: one padded batch
+    cache_latents: bool = True  # while the compressor is frozen, compute each passage's latents once
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
