@@ -212,9 +212,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lclm_rag.training import TrainConfig, evaluate_heldout, main_from_config
+    from lclm_rag.training.loop import export_run_candidate
 
+    if args.export_candidate:
+        print(export_run_candidate(args.config, args.export_candidate))
+        return 0
     if not args.evaluate:
-        print(main_from_config(args.config, max_steps=args.max_steps))
+        print(main_from_config(args.config, max_steps=args.max_steps, resume_from=args.resume_from))
         return 0
     cfg = TrainConfig.load(args.config)
     results = {}
@@ -389,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a compressor (restoration / continuation / qa stages)")
     p.add_argument("--config", required=True, help="JSON or YAML training config")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    p.add_argument("--resume-from", metavar="CANDIDATE", help="continue the run from its compact candidate when "
+                   "its output directory holds no checkpoint (a fresh clone; docs/training.md)")
+    p.add_argument("--export-candidate", metavar="DIR", help="train nothing: write the run's latest checkpoint "
+                   "as a compact candidate (float16 trained parts and the run's state) to DIR")
     p.add_argument("--evaluate", action="append", metavar="CHECKPOINT",
                    help="train nothing: restoration accuracy (and its control) of CHECKPOINT on every held-out "
                         "chunk of the recipe's corpus split; repeatable")

@@ -37,6 +37,12 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def cache_argument(decoder: "LatentDecoder") -> str:
+    """The KV cache's argument name for this decoder's LM (adapters unwrapped)."""
+    base = decoder.model.get_base_model() if hasattr(decoder.model, "get_base_model") else decoder.model
+    return _cache_argument(type(base))
+
+
 def _same_prefix(a: Sequence[Segment], b: Sequence[Segment], last: int) -> bool:
     """Do two prompts agree on their first ``last + 1`` segments (the same tokens, the same latents)?"""
     if len(a) <= last or len(b) <= last:
@@ -162,7 +168,7 @@ class LatentDecoder(nn.Module):
             if isinstance(slot, str):
                 if not slot.strip():
                     raise InputError(f"passage {index} is empty")
-                pending.append(slot)
+                pending.append(self.as_document_text(slot))
             elif isinstance(slot, torch.Tensor):
                 if slot.ndim != 2 or slot.shape[0] == 0:
                     raise InputError(f"passage {index} latents must be (n>0, width), got {tuple(slot.shape)}")
@@ -176,6 +182,16 @@ class LatentDecoder(nn.Module):
         pending.append(text[pos:])
         out.append(Segment(token_ids=self.text_ids("".join(pending))))
         return [s for s in out if s.token_ids is None or s.token_ids]
+
+    def as_document_text(self, text: str) -> str:
+        """A passage's text with the tokenizer's special tokens (``<|im_start|>``, ``<|endoftext|>``, ...)
+        broken by a zero-width space, so they tokenize as plain text: a document read as text can
+        neither open a turn nor end one. Text without them is left exactly as it is."""
+        specials = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special and t.content}
+        for token in sorted(specials, key=len, reverse=True):
+            if token in text:
+                text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
 
     def qa_segments(self, question: str, slots: Sequence[Slot]) -> list[Segment]:
         return self.segments(self.qa_user_message(question, len(slots)), slots)

@@ -404,6 +404,9 @@ def test_the_unpadded_step_has_the_padded_steps_loss_and_gradients(tmp_path, tin
     cfg, model, source = _tiny_model_and_source(tmp_path, tiny_models)
     batch = [source.example(1, cfg.stages[1], i) for i in range(6)]
     assert {ex.task for ex in batch} == {"qa", "restoration"}  # prompts of very different lengths
+    from lclm_rag.training.objectives import shared_prefix_length
+
+    assert shared_prefix_length([model.decoder.segments(ex.user_message, ex.passages) for ex in batch]) > 10  # the system turn
     params = set_trainable(model, ["projector", "boundary", "decoder_lora"])
     model.train()
     results = []
@@ -457,3 +460,31 @@ def test_the_training_benchmark_times_both_steps_on_the_same_examples(tmp_path, 
     assert result["stage"] == "qa" and result["qa_examples"] > 0 and result["speedup"] > 0
     assert padded["losses"] == pytest.approx(unpadded["losses"], rel=1e-4)  # the same learning, step by step
     assert unpadded["cache_fill_s_per_passage"] > 0 and padded["qa_examples_per_hour"] > 0
+
+
+def test_a_run_continues_on_a_fresh_clone_from_its_compact_candidate(tmp_path, tiny_models):
+    from lclm_rag.training.loop import export_run_candidate
+
+    reference = _config(tmp_path, tiny_models, "whole")
+    train(TrainConfig.load(reference))
+    cfg = _config(tmp_path, tiny_models, "first")
+    train(TrainConfig.load(cfg), max_steps=7)  # stops in the QA stage, at step 1 of 4
+    candidate = export_run_candidate(str(cfg), str(tmp_path / "candidate"))
+    weights = sorted(candidate.rglob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    assert weights and all(t.dtype == torch.float16 for w in weights for t in load_file(str(w)).values())
+    assert not list(candidate.rglob("trainer.pt"))  # no optimizer state
+    fresh = json.loads(cfg.read_text())
+    fresh["output_dir"] = str(tmp_path / "clone")  # nothing of the first run's directory on the new machine
+    clone = tmp_path / "clone.json"
+    clone.write_text(json.dumps(fresh))
+    final = train(TrainConfig.load(clone), resume_from=candidate)
+    rows = [r for r in load_jsonl(tmp_path / "clone" / "log.jsonl") if r["type"] == "train"]
+    whole = [r for r in load_jsonl(tmp_path / "whole" / "log.jsonl") if r["type"] == "train"]
+    assert [r["global_step"] for r in rows] == list(range(1, 11))  # the candidate's log, then the steps it went on with
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in whole])  # the same schedule
+    assert [r["samples"] for r in rows] == [r["samples"] for r in whole]
+    assert LatentContextModel.from_pretrained(final).config.decoder_lora
+    with pytest.raises(Exception, match="not a run candidate"):
+        train(TrainConfig.load(_config(tmp_path, tiny_models, "other")), resume_from=tmp_path)

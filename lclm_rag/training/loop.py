@@ -21,6 +21,7 @@ from lclm_rag.errors import ConfigError
 from lclm_rag.evaluation.gold import evaluate_gold_passage
 from lclm_rag.evaluation.restoration import restoration_accuracy
 from lclm_rag.model import LatentContextModel
+from lclm_rag.training.candidate import read_candidate
 from lclm_rag.training.curves import plot_curves
 from lclm_rag.training.examples import ExampleSource
 from lclm_rag.training.objectives import TrainingModule, check_shared_tokenizer
@@ -86,10 +87,13 @@ def _scheduler(optimizer, warmup: int, total: int):
 
 
 # ---------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
+def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Path | None = None) -> Path:
     """Run (or resume) all stages; returns the directory of the final checkpoint.
 
     ``max_steps`` stops after that many optimizer steps in this call (tests, time-boxed runs).
+    ``resume_from``: a compact candidate of this run (``training.candidate``), used when the output
+    directory holds no checkpoint of its own (a fresh clone): the run goes on from its step with
+    fresh optimizer moments.
     """
     from accelerate import Accelerator
 
@@ -102,7 +106,15 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if resume is not None:
+    from_candidate = resume is None and resume_from is not None
+    if from_candidate:
+        model_dir, state = read_candidate(resume_from)
+        model = LatentContextModel.from_pretrained(model_dir)
+        if accelerator.is_main_process and (Path(resume_from) / "log.jsonl").is_file() and not (out / "log.jsonl").exists():
+            shutil.copy(Path(resume_from) / "log.jsonl", out / "log.jsonl")
+        logger.info("continuing from candidate %s at stage %d step %d (optimizer moments start afresh)",
+                    resume_from, state["stage"], state["step"])
+    elif resume is not None:
         model = LatentContextModel.from_pretrained(resume / "model")
         state = json.loads((resume / "state.json").read_text())
         if accelerator.is_main_process and (out / "log.jsonl").exists():  # drop steps redone after the checkpoint
@@ -141,6 +153,9 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             _set_rng_state(saved["rng"])
+        elif from_candidate and state["stage"] == stage_index:
+            for _ in range(state["step"]):  # the schedule where the run stood
+                scheduler.step()
         encoder_trainable = bool(ENCODER_PARTS & set(stage.train))
         if stage.answers == "teacher" and teacher is None:
             teacher = TeacherAnswers(cfg, model, out, rank, accelerator.device)
@@ -185,7 +200,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None) -> Path:
                     _save_checkpoint(out, model, optimizer, scheduler, snapshot)
             accelerator.wait_for_everyone()
         state.update(stage=stage_index + 1, step=0)
-        resume = None
+        resume, from_candidate = None, False
     if accelerator.is_main_process:
         model.eval()
         model.save_pretrained(out / "final")
@@ -211,6 +226,18 @@ def _evaluate(model: LatentContextModel, source: ExampleSource, cfg: TrainConfig
         fh.write(json.dumps(record) + "\n")
 
 
-def main_from_config(path: str, max_steps: int | None = None) -> Path:
+def main_from_config(path: str, max_steps: int | None = None, resume_from: str | None = None) -> Path:
     logging.basicConfig(level=os.environ.get("LCLM_RAG_LOG", "INFO"))
-    return train(TrainConfig.load(path), max_steps=max_steps)
+    return train(TrainConfig.load(path), max_steps=max_steps, resume_from=resume_from)
+
+
+def export_run_candidate(path: str, output: str) -> Path:
+    """The latest checkpoint of a recipe's run as a compact candidate (``training.candidate``)."""
+    from lclm_rag.training.candidate import export_candidate
+    from lclm_rag.training.recipe import load_recipe
+
+    out = Path(TrainConfig.load(path).output_dir)
+    checkpoint = _latest_checkpoint(out)
+    if checkpoint is None:
+        raise ConfigError(f"{out} holds no run checkpoint to export: train first")
+    return export_candidate(checkpoint, output, log=out / "log.jsonl", recipe=load_recipe(path))
