@@ -5,7 +5,8 @@
                                  docstore=SimpleDocumentStore())
     pipeline.run(documents=docs)
 
-``LatentCompression`` compresses each node's text once and leaves the latents in the cache;
+``LatentCompression`` compresses each node's text once and returns the nodes carrying their
+latents (``LatentNode``, `integrations/nodes.py`);
 ``LatentVectorStore`` writes every node as one point of a latent collection (the dense vector the
 pipeline computed, the latents, the payload), under the same collection spec and compressor
 check as ``lclm-rag ingest``, so ``lclm-rag query``, ``LatentRetriever`` and ``LatentSynthesizer``
@@ -20,38 +21,34 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from lclm_rag.integrations.cache import SHARED_CACHE, LatentCache, fill
+from lclm_rag.integrations.nodes import LatentNode, latents_of, to_node
 from llama_index.core.schema import BaseNode, TextNode, TransformComponent
 from llama_index.core.vector_stores.types import BasePydanticVectorStore, VectorStoreQuery, VectorStoreQueryResult
 from pydantic import PrivateAttr
 
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
+from lclm_rag.planning import Passage
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node
 
 
 class LatentCompression(TransformComponent):
-    """Compress every node's text into latents (once); the nodes pass through unchanged."""
+    """Compress every text node's text into latents (once); the nodes come back, the same ids, text
+    and metadata, carrying them."""
 
     batch_size: int = 16
     _model: LatentContextModel = PrivateAttr()
-    _cache: LatentCache = PrivateAttr()
 
-    def __init__(self, model: LatentContextModel, cache: LatentCache | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: LatentContextModel, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._model, self._cache = model, cache or SHARED_CACHE
+        self._model = model
 
     @classmethod
     def class_name(cls) -> str:
         return "LatentCompression"
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
-        todo = [n for n in nodes if self._cache.get(n.node_id) is None and n.get_content().strip()]
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start : start + self.batch_size]
-            for node, latents in zip(batch, self._model.compress([n.get_content() for n in batch], batch_size=self.batch_size)):
-                self._cache.put(node.node_id, latents, "computed")
-        return nodes
+        return carry_latents(self._model, nodes, self.batch_size)
 
 
 class LatentVectorStore(BasePydanticVectorStore):
@@ -62,12 +59,10 @@ class LatentVectorStore(BasePydanticVectorStore):
     embedding_model: str  # the sentence-transformers model that made the node embeddings (queries use it too)
     _store: LatentStore = PrivateAttr()
     _model: LatentContextModel = PrivateAttr()
-    _cache: LatentCache = PrivateAttr()
 
-    def __init__(self, store: LatentStore, model: LatentContextModel, embedding_model: str,
-                 cache: LatentCache | None = None, **kwargs: Any) -> None:
+    def __init__(self, store: LatentStore, model: LatentContextModel, embedding_model: str, **kwargs: Any) -> None:
         super().__init__(embedding_model=embedding_model, **kwargs)
-        self._store, self._model, self._cache = store, model, cache or SHARED_CACHE
+        self._store, self._model = store, model
         if store.spec is not None:
             store.require(model.fingerprint())
 
@@ -92,7 +87,7 @@ class LatentVectorStore(BasePydanticVectorStore):
         if any(n.embedding is None for n in nodes):
             raise InputError("LatentVectorStore needs embedded nodes: put an embedding model in the transformations")
         self._bind(len(nodes[0].embedding))
-        fill(self._cache, nodes, self._model)  # nodes LatentCompression did not see
+        nodes = carry_latents(self._model, nodes)  # nodes LatentCompression did not see (or that lost their latents)
         positions: dict[str, int] = {}
         passages = []
         for node in nodes:
@@ -105,7 +100,7 @@ class LatentVectorStore(BasePydanticVectorStore):
                        "content_hash": content_hash(text)}
             vector = np.asarray(node.embedding, dtype=np.float32)
             passages.append(StoredPassage(id_for_node(node.node_id), text, payload, vector / max(np.linalg.norm(vector), 1e-12),
-                                          self._cache.get(node.node_id)[0]))
+                                          latents_of(node)[0]))
         self._store.upsert(passages)
         return [n.node_id for n in nodes]
 
@@ -118,9 +113,17 @@ class LatentVectorStore(BasePydanticVectorStore):
         hits = self._store.search(np.asarray(query.query_embedding, dtype=np.float32), query.similarity_top_k, with_latents=True)
         nodes = []
         for hit in hits:
-            meta = {k: v for k, v in hit.payload.items() if k != "text"}
-            node_id = hit.payload.get("node_id", hit.id)
-            nodes.append(TextNode(id_=node_id, text=hit.text, metadata=meta, excluded_llm_metadata_keys=list(meta),
-                                  excluded_embed_metadata_keys=list(meta)))
-            self._cache.put(node_id, hit.latents, "stored")
+            scored = to_node(Passage(hit.payload.get("node_id", hit.id), hit.text, hit.score, hit.latents, "stored", payload=hit.payload))
+            nodes.append(scored.node)
         return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[n.node_id for n in nodes])
+
+
+def carry_latents(model: LatentContextModel, nodes: Sequence[BaseNode], batch_size: int = 16) -> list[BaseNode]:
+    """The nodes, each text node carrying latents: its own, else its text compressed now (in batches)."""
+    out = list(nodes)
+    todo = [i for i, n in enumerate(out) if isinstance(n, TextNode) and latents_of(n)[0] is None and n.get_content().strip()]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        for i, latents in zip(batch, model.compress([out[i].get_content() for i in batch], batch_size=batch_size), strict=True):
+            out[i] = LatentNode.carrying(out[i], latents, "computed")
+    return out

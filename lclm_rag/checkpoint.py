@@ -144,7 +144,12 @@ def is_lclm_layout(directory: str | Path) -> bool:
 def lclm_config(directory: str | Path) -> LatentConfig:
     """Translate an LCLM ``model_config.json`` into our config, refusing what we cannot reproduce."""
     directory = Path(directory)
-    raw = json.loads(require_file(directory, LCLM_CONFIG).read_text())
+    try:
+        raw = json.loads(require_file(directory, LCLM_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / LCLM_CONFIG} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{directory / LCLM_CONFIG} is not a config: a JSON object is expected, got {type(raw).__name__}")
     for sub in ("encoder", "decoder"):
         require_file(directory, f"{sub}/config.json")
     require_file(directory, LCLM_ADAPTER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from lclm_rag.chunking import check_chunking
 from lclm_rag.errors import InputError, StoreError
 
 MAX_QUESTION_CHARS = 8_000  # longer questions are refused before any model loads
+DECODER_TIMEOUT_S = 300.0  # how long a decoder server may take to answer
 
 
 def add_store_args(p: argparse.ArgumentParser) -> None:
@@ -35,10 +37,39 @@ def check_store_path(args: argparse.Namespace) -> None:
         lclm_home()
 
 
+def check_qdrant_url(url: str | None) -> None:
+    """A --qdrant-url that cannot name a Qdrant server (scheme, host, port) fails before anything opens."""
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InputError(f"--qdrant-url {url!r} is not a URL ({exc}); e.g. http://localhost:6333") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"--qdrant-url {url!r} must be http(s)://HOST[:PORT], e.g. http://localhost:6333")
+    if port == 0:
+        raise InputError(f"--qdrant-url {url!r}: port 0 is not a server's port")
+
+
 def open_store(args: argparse.Namespace):
+    """The collection's store; a server that is not Qdrant, or a local path another process holds,
+    is one `StoreError` naming it (the client libraries' own errors are many and long)."""
+    from lclm_rag.errors import LclmRagError
     from lclm_rag.store import LatentStore
 
-    return LatentStore.open(args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend)
+    check_qdrant_url(args.qdrant_url)
+    try:
+        return LatentStore.open(args.collection, path=args.path, url=args.qdrant_url, api_key=args.api_key, backend=args.backend)
+    except (LclmRagError, OSError):
+        raise
+    except Exception as exc:  # qdrant-client: HTTP, gRPC, pydantic and lock errors
+        where = args.qdrant_url or args.path or args.collection
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StoreError(f"cannot open collection {args.collection!r} at {where}: {first} "
+                         "(is it a Qdrant server? is another process using this path?)") from exc
 
 
 
@@ -49,6 +80,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                          "e.g. http://127.0.0.1:8000/v1 (`lclm-rag export-decoder` writes the copy)")
     p.add_argument("--engine-args", type=json_object, default={},
                    help='vllm.LLM settings as JSON, e.g. \'{"enable_prefix_caching": true, "enforce_eager": true}\'')
+    p.add_argument("--decoder-timeout", type=float, default=DECODER_TIMEOUT_S, metavar="SECONDS",
+                   help=f"with --decoder-url: how long to wait for the server (default {DECODER_TIMEOUT_S:g})")
 
 
 def expand_count(text: str) -> int | str:
@@ -70,14 +103,20 @@ def json_object(text: str) -> dict:
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
-    if args.engine_args and args.engine == "hf" and not args.decoder_url:
+    if args.engine_args and args.decoder_url:
+        raise InputError("--engine-args are settings of vLLM in this process; a server (--decoder-url) takes its own "
+                         "settings at `vllm serve`: drop one of them")
+    if args.engine_args and args.engine == "hf":
         raise InputError("--engine-args are vLLM settings: add --engine vllm")
+    timeout = getattr(args, "decoder_timeout", DECODER_TIMEOUT_S)
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise InputError(f"--decoder-timeout must be a positive number of seconds, got {timeout}")
 
 
 def use_engine_from_args(model, args: argparse.Namespace):
     """Put ``model`` on the decode engine the arguments ask for."""
     if args.decoder_url:
-        model.use_engine("vllm", url=args.decoder_url)
+        model.use_engine("vllm", url=args.decoder_url, timeout=getattr(args, "decoder_timeout", DECODER_TIMEOUT_S))
     elif args.engine != "hf":
         model.use_engine(args.engine, **args.engine_args)
     return model
@@ -100,6 +139,16 @@ def check_question(question: str) -> str:
                          "(put long material in the collection, not in the question)")
     return question
 
+
+
+def read_json_file(path: str, what: str) -> object:
+    """A JSON file's content, or one clear error naming the file and what it should be."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not JSON ({exc}); expected {what}") from None
 
 
 def fraction(value: str, flag: str) -> float:

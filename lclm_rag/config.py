@@ -127,6 +127,12 @@ class LatentConfig:
         if not path.exists():
             raise CheckpointError(f"checkpoint {str(directory)!r} has no {CONFIG_NAME}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} is not a checkpoint config: a JSON object is expected, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a valid checkpoint config: {exc}") from exc

@@ -9,13 +9,15 @@ whose columns are renamed and whose SQuAD-style answers (``{"text": [...], ...}`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from lclm_rag.errors import ConfigError
+from lclm_rag.errors import ConfigError, InputError
 
 EVAL_ONLY_FILES = ("squad_dev.jsonl",)  # the project's held-out QA set: evaluation only
 
@@ -64,14 +66,55 @@ def parse_source(source: str | dict | DatasetSpec) -> DataSource:
 
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The records of a JSON Lines file (blank lines skipped); a line that is not a JSON object is
+    refused with its file and line number."""
     out = []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
+        try:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise InputError(f"{path}:{number}: not a JSON record ({exc})") from None
+                if not isinstance(record, dict):
+                    raise InputError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
+                out.append(record)
                 if limit is not None and len(out) >= limit:
                     break
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return out
+
+
+def check_qa_records(records: list[dict], path: str | Path) -> list[dict]:
+    """QA records as the evaluation and the skim probe's fitting read them: ``context`` and
+    ``question`` non-empty strings, ``answers`` a non-empty list of strings; the first bad one is named."""
+    if not records:
+        raise InputError(f"{path}: no records")
+    for i, r in enumerate(records):
+        for key in ("context", "question"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                problem = "missing" if key not in r else f"not a non-empty string ({type(r[key]).__name__})"
+                raise InputError(f"{path}: record {i} needs context, question and non-empty answers ({key} {problem})")
+        answers = r.get("answers")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise InputError(f"{path}: record {i} needs context, question and non-empty answers "
+                             f"(answers {'missing' if 'answers' not in r else 'not a non-empty list of strings'})")
+    return records
+
+
+def doc_id_of(context: str) -> str:
+    """A QA context's document id: a content hash, stable across runs."""
+    return "ctx-" + hashlib.sha1(context.encode()).hexdigest()[:16]
+
+
+def corpus_documents(records: Sequence[dict]) -> list:
+    """One `SourceDocument` per distinct context of QA records (the corpus an evaluation retrieves from)."""
+    from lclm_rag.ingest import SourceDocument
+
+    return [SourceDocument(doc_id_of(c), c, "eval") for c in sorted({r["context"] for r in records})]
 
 
 def sample_records(path: str | Path, n: int, seed: int = 0) -> list[dict]:

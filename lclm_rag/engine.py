@@ -11,8 +11,6 @@ base weights, written once under ``$LCLM_RAG_HOME/serving/<decoder fingerprint>`
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import os
@@ -23,15 +21,34 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from lclm_rag.errors import ConfigError, EngineError, InputError
+from lclm_rag.serving import PROMPT_TEMPLATE, TEMPLATE_FILE, TokenTable, encode_embeds, mixed_prompts_refusal
 
 logger = logging.getLogger(__name__)
 ENGINES = ("hf", "vllm")
-LatentDecoder = Any  # lclm_rag.decoder.LatentDecoder, which builds its engine (importing it here would be a cycle)
+
+
+class EngineDecoder(Protocol):
+    """What an engine reads of the decoder that owns it (`lclm_rag.decoder.LatentDecoder` builds its
+    engine, so the engine names this interface instead of importing the decoder back)."""
+
+    model: Any  # the causal LM (with its LoRA, if any)
+    tokenizer: Any
+    base_active: bool  # inside ``LatentDecoder.base()``: decode on the base LM
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def max_positions(self) -> int | None: ...
+
+    def pad_batch(self, prompts: Sequence[torch.Tensor], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def fingerprint(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -53,10 +70,22 @@ class GenerationSettings:
             raise InputError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
 
+@dataclass(frozen=True)
+class PrefillCost:
+    """Time to first token as ``fixed_s + per_position_s * positions`` on one engine (`lclm_rag.planning.prefill_cost`)."""
+
+    fixed_s: float
+    per_position_s: float
+
+    def positions_within(self, seconds: float) -> int:
+        return max(0, int((seconds - self.fixed_s) / self.per_position_s))
+
+
 class DecodeEngine(ABC):
     """Decodes a batch of prompt embeddings into the new text of each prompt."""
 
     name: str
+    prefill_cost: PrefillCost | None = None  # measured at the first latency budget, kept with the engine it measures
 
     @abstractmethod
     def generate(self, prompts: Sequence[torch.Tensor], settings: GenerationSettings) -> list[str]: ...
@@ -95,7 +124,7 @@ class HFEngine(DecodeEngine):
 
     name = "hf"
 
-    def __init__(self, decoder: "LatentDecoder") -> None:
+    def __init__(self, decoder: EngineDecoder) -> None:
         self.decoder = decoder
 
     def _kwargs(self, s: GenerationSettings) -> dict[str, Any]:
@@ -142,18 +171,21 @@ class HFEngine(DecodeEngine):
             raise errors[0]
 
 
-def serving_copy(decoder: "LatentDecoder", home: str | Path | None = None) -> Path:
+def serving_copy(decoder: EngineDecoder, home: str | Path | None = None) -> Path:
     """The decoder with its LoRA merged, saved as a plain HF model directory (written once).
 
     Keyed by the decoder-side fingerprint, so a retrained LoRA gets a new copy. Input embeddings
     are untouched by the merge (LoRA targets the projections), so the prompt embeddings the latent
-    decoder builds are the ones the copy expects.
+    decoder builds are the ones the copy expects. The copy carries `lclm_rag.serving.TEMPLATE_FILE`,
+    the chat template a server needs to take prompts as token ids and latents.
     """
     from lclm_rag.hub import lclm_home
 
     root = Path(home) if home is not None else lclm_home() / "serving"
     target = root / f"decoder-{decoder.fingerprint()[:16]}"
     if (target / "config.json").is_file():
+        if not (target / TEMPLATE_FILE).is_file():  # a copy written before the template was
+            (target / TEMPLATE_FILE).write_text(PROMPT_TEMPLATE + "\n")
         return target
     import copy
 
@@ -164,6 +196,7 @@ def serving_copy(decoder: "LatentDecoder", home: str | Path | None = None) -> Pa
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     decoder.tokenizer.save_pretrained(partial)
+    (partial / TEMPLATE_FILE).write_text(PROMPT_TEMPLATE + "\n")  # how a server renders mixed prompts (lclm_rag.serving)
     partial.rename(target)
     logger.info("wrote the decoder's serving copy to %s", target)
     return target
@@ -191,7 +224,7 @@ class VLLMEngine(DecodeEngine):
 
     name = "vllm"
 
-    def __init__(self, decoder: "LatentDecoder", **llm_kwargs: Any) -> None:
+    def __init__(self, decoder: EngineDecoder, **llm_kwargs: Any) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
@@ -263,21 +296,25 @@ class VLLMEngine(DecodeEngine):
 
 
 class RemoteVLLMEngine(DecodeEngine):
-    """A ``vllm serve <serving copy> --enable-prompt-embeds`` server, through its completions API.
+    """A ``vllm serve <serving copy> --enable-prompt-embeds`` server.
 
-    Prompt embeddings travel base64-encoded (``torch.save`` bytes), the format vLLM's server reads.
-    Many query front ends can share one GPU server this way.
+    With ``tokens`` (the decoder's embedding table) and a server that renders chat messages with the
+    serving copy's `lclm_rag.serving.TEMPLATE_FILE`, a prompt goes to ``/chat/completions`` as token
+    ids for its text positions and embeddings for the rest; otherwise, said in one log line, the
+    whole prompt goes to ``/completions`` as embeddings (base64 ``torch.save`` bytes, which vLLM
+    loads with ``weights_only``). Many query front ends can share one GPU server this way.
     """
 
     name = "vllm-server"
+    encode = staticmethod(encode_embeds)
 
     def __init__(self, url: str, model: str | None = None, dtype: torch.dtype = torch.float32, timeout: float = 300.0,
-                 expected_fingerprint: str | None = None) -> None:
+                 expected_fingerprint: str | None = None, tokens: TokenTable | None = None, mixed: bool = True) -> None:
         import httpx
 
         if not url.startswith(("http://", "https://")):
             raise InputError(f"decoder url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
-        self.url, self.dtype = url.rstrip("/"), dtype
+        self.url, self.dtype, self.tokens = url.rstrip("/"), dtype, tokens
         self.client = httpx.Client(timeout=timeout)
         try:
             models = self.client.get(f"{self.url}/models").raise_for_status().json()["data"]
@@ -291,57 +328,99 @@ class RemoteVLLMEngine(DecodeEngine):
         if expected_fingerprint and expected_fingerprint[:16] not in self.model:
             logger.warning("the vLLM server at %s serves %s, not this decoder's serving copy (decoder-%s): answers "
                            "come from whatever weights it loaded", self.url, self.model, expected_fingerprint[:16])
+        self.mixed = mixed and tokens is not None
+        if self.mixed and (why := mixed_prompts_refusal(self.client, self.url, self.model, tokens, dtype)):
+            self._fall_back(why)
 
-    @staticmethod
-    def encode(prompt: torch.Tensor, dtype: torch.dtype) -> str:
-        buffer = io.BytesIO()
-        torch.save(prompt.detach().to("cpu", dtype).contiguous(), buffer)
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
+    def _fall_back(self, why: str) -> None:
+        logger.warning("the vLLM server at %s %s: sending whole prompts as embeddings", self.url, why)
+        self.mixed = False
 
-    def _body(self, prompt: torch.Tensor, settings: GenerationSettings, stream: bool) -> dict[str, Any]:
-        return {"model": self.model, "prompt_embeds": self.encode(prompt, self.dtype), "stream": stream,
-                **_sampling_params(settings)}
+    def _body(self, prompt: torch.Tensor, settings: GenerationSettings, stream: bool) -> tuple[str, dict[str, Any]]:
+        """The endpoint and request body for one prompt (mixed while the server takes it)."""
+        if self.mixed:
+            content = self.tokens.parts(prompt, self.dtype)
+            return "/chat/completions", {"model": self.model, "messages": [{"role": "user", "content": content}],
+                                         "stream": stream, **_sampling_params(settings)}
+        return "/completions", {"model": self.model, "prompt_embeds": self.encode(prompt, self.dtype), "stream": stream,
+                                **_sampling_params(settings)}
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, prompt: torch.Tensor, settings: GenerationSettings) -> str:
         import httpx
 
+        path, body = self._body(prompt, settings, stream=False)
         try:
-            return self.client.post(f"{self.url}/completions", json=body).raise_for_status().json()
+            reply = self.client.post(f"{self.url}{path}", json=body)
+            if reply.status_code == 400 and self.mixed:
+                self._fall_back(f"refused a mixed prompt ({reply.text[:200]})")
+                return self._post(prompt, settings)
+            return self._text(reply.raise_for_status().json())
         except httpx.HTTPStatusError as exc:
             raise EngineError(f"the vLLM server at {self.url} refused the request: {exc.response.text[:300]}") from exc
         except httpx.HTTPError as exc:
-            raise EngineError(f"the vLLM server at {self.url} did not answer: {exc}") from exc
+            raise EngineError(f"the vLLM server at {self.url} did not answer: {exc or type(exc).__name__}") from exc
+        except ValueError as exc:
+            raise EngineError(f"the server at {self.url} answered with something that is not JSON ({exc})") from exc
 
     def generate(self, prompts: Sequence[torch.Tensor], settings: GenerationSettings) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=min(16, len(prompts)) or 1) as pool:  # the server batches concurrent requests
-            replies = list(pool.map(lambda p: self._post(self._body(p, settings, stream=False)), prompts))
-        return [r["choices"][0]["text"].strip() for r in replies]
+            return [text.strip() for text in pool.map(lambda p: self._post(p, settings), prompts)]
+
+    def _text(self, reply: Any) -> str:
+        """The new text of a completions or chat answer (or streamed event), or one clear error."""
+        try:
+            choice = reply["choices"][0]
+            text = choice["text"] if "text" in choice else (choice.get("message") or choice.get("delta") or {}).get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise EngineError(f"the server at {self.url} answered without a completion (no choices[0].text): "
+                              f"{json.dumps(reply)[:200]}; is it a vLLM server?") from None
+        if not isinstance(text, str):
+            raise EngineError(f"the server at {self.url} answered a completion whose text is {type(text).__name__}")
+        return text
 
     def stream(self, prompt: torch.Tensor, settings: GenerationSettings) -> Iterator[str]:
-        with self.client.stream("POST", f"{self.url}/completions", json=self._body(prompt, settings, stream=True)) as reply:
+        import httpx
+
+        try:
+            yield from self._stream(prompt, settings)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the vLLM server at {self.url} did not answer: {exc or type(exc).__name__}") from exc
+
+    def _stream(self, prompt: torch.Tensor, settings: GenerationSettings) -> Iterator[str]:
+        path, body = self._body(prompt, settings, stream=True)
+        with self.client.stream("POST", f"{self.url}{path}", json=body) as reply:
+            if reply.status_code == 400 and self.mixed:
+                self._fall_back(f"refused a mixed prompt ({reply.read()[:200]!r})")
+                yield from self._stream(prompt, settings)
+                return
             if reply.status_code != 200:
                 raise EngineError(f"the vLLM server at {self.url} refused the request: {reply.read()[:300]!r}")
             started = False
             for line in reply.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                piece = json.loads(line[6:])["choices"][0]["text"]
+                try:
+                    event = json.loads(line[6:])
+                except ValueError:
+                    raise EngineError(f"the server at {self.url} streamed an event that is not JSON: {line[:200]!r}") from None
+                piece = self._text(event)
                 if not started:
                     piece, started = piece.lstrip(), bool(piece.strip())
                 if piece:
                     yield piece
 
 
-def make_engine(decoder: "LatentDecoder", engine: str | DecodeEngine = "hf", *, url: str | None = None,
+def make_engine(decoder: EngineDecoder, engine: str | DecodeEngine = "hf", *, url: str | None = None,
                 **engine_kwargs: Any) -> DecodeEngine:
     """An engine by name (``hf`` | ``vllm``), a server when ``url`` is given, or an engine object as is."""
     if isinstance(engine, DecodeEngine):
         return engine
     if url is not None:
-        return RemoteVLLMEngine(url, dtype=decoder.model.get_input_embeddings().weight.dtype,
-                                expected_fingerprint=decoder.fingerprint(), **engine_kwargs)
+        table = decoder.model.get_input_embeddings().weight
+        return RemoteVLLMEngine(url, dtype=table.dtype, expected_fingerprint=decoder.fingerprint(),
+                                tokens=TokenTable(table, decoder.tokenizer), **engine_kwargs)
     if engine == "hf":
         return HFEngine(decoder)
     if engine == "vllm":

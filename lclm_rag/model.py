@@ -14,8 +14,9 @@ from lclm_rag.checkpoint import DEFAULT_CHECKPOINT, LCLM_ADAPTER, is_lclm_layout
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.config import LatentConfig
 from lclm_rag.decoder import LatentDecoder
-from lclm_rag.errors import ConfigError
+from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.prompt import Segment, Slot
+from lclm_rag.skim import SKIM_PROBE_FILE, SkimProbe
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class LatentContextModel(nn.Module):
                               f"decoder's projector reads {self.config.encoder_hidden_size}-d")
         self.compressor.config = self.config
         self.directory: Path | None = None  # the checkpoint directory it was loaded from (files saved beside it)
+        self.skim_probe: SkimProbe | None = None  # the ``skim`` policy's probe for this reader (`use_skim_probe`)
+        self._probe_checked = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -63,6 +66,8 @@ class LatentContextModel(nn.Module):
         else:
             model.compressor.load_trained(directory)
             model.decoder.load_trained(directory)
+        if (directory / SKIM_PROBE_FILE).is_file():
+            model.skim_probe = SkimProbe.from_pretrained(directory)  # checked against the reader at first use
         model.eval()
         device = torch.device(device) if device is not None else None
         dtype = resolve_dtype(dtype, device)
@@ -88,7 +93,26 @@ class LatentContextModel(nn.Module):
         self.config.save(directory)
         self.compressor.save_trained(directory)
         self.decoder.save_trained(directory)
+        if self.skim_probe is not None:
+            self.skim_probe.save_pretrained(directory)
         return directory
+
+    def use_skim_probe(self, probe: SkimProbe | None) -> "LatentContextModel":
+        """Make ``probe`` the one the ``skim`` policy applies (checked against this reader now)."""
+        if probe is not None:
+            probe.check_reader(self.decoder.fingerprint())
+        self.skim_probe, self._probe_checked = probe, probe is not None
+        return self
+
+    def require_skim_probe(self) -> SkimProbe:
+        """The fitted probe the ``skim`` policy needs, checked against this reader, or a clear error."""
+        if self.skim_probe is None:
+            raise ConfigError("the skim policy needs a fitted probe: this model has none (fit one with lclm-rag "
+                              "fit-skim-probe, or give one to model.use_skim_probe)")
+        if not self._probe_checked:  # a checkpoint's own probe: its reader's fingerprint is taken once, here
+            self.skim_probe.check_reader(self.decoder.fingerprint())
+            self._probe_checked = True
+        return self.skim_probe
 
     def fingerprint(self) -> str:
         return self.compressor.fingerprint()
@@ -105,9 +129,14 @@ class LatentContextModel(nn.Module):
     def answer(self, questions: str | Sequence[str], contexts: Sequence[Slot] | Sequence[Sequence[Slot]] = (), **gen) -> str | list[str]:
         """Answer one question (``contexts`` = its slots) or a batch (``contexts`` = slots per question).
 
-        A slot is a latent tensor from ``compress`` or a passage's raw text (expanded).
+        A slot is a latent tensor from ``compress`` or a passage's raw text (expanded); for one
+        question a bare string or tensor is one passage (a string is never read letter by letter).
         """
         single = isinstance(questions, str)
+        if single and isinstance(contexts, (str, torch.Tensor)):
+            contexts = [contexts]
+        elif not single and isinstance(contexts, (str, torch.Tensor)):
+            raise InputError("a batch of questions needs a list of passages per question, not one passage")
         qs = [questions] if single else list(questions)
         ctxs = [list(contexts)] if single else [list(c) for c in contexts] if contexts else [[] for _ in qs]
         prompts = [self.decoder.qa_segments(q, c) for q, c in zip(qs, ctxs, strict=True)]

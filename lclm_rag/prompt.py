@@ -31,6 +31,12 @@ def slot_marker(index: int) -> str:
     return _SENTINEL.format(index)
 
 
+def without_slot_markers(text: str) -> str:
+    """``text`` with the slot markers' separator (U+2063, invisible) removed: user text that looks like
+    a marker stays text instead of being cut out of the prompt as a passage's place."""
+    return text.replace("\u2063", "")
+
+
 def latent_positions(num_latents: int) -> int:
     """Prompt positions a passage of ``num_latents`` latents takes (latents and their boundaries)."""
     return num_latents + BOUNDARY_POSITIONS
@@ -60,8 +66,8 @@ def qa_message(instruction: str, question: str, num_slots: int, template: str = 
     """
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty")
-    question = question.strip()
-    notes = list(notes) if notes is not None else [""] * num_slots
+    question = without_slot_markers(question.strip())  # a question cannot point at a passage slot
+    notes = [without_slot_markers(n) for n in notes] if notes is not None else [""] * num_slots
     if len(notes) != num_slots:
         raise InputError(f"{len(notes)} notes for {num_slots} passages")
     slots = [slot_marker(i) + (f" {note}" if note else "") for i, note in enumerate(notes)]

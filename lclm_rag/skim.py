@@ -1,18 +1,19 @@
-"""The ``skim`` expansion policy: a probe, fitted on a training split, over what the decoder's skim shows.
+"""The ``skim`` expansion policy's probe: a listwise linear scorer, fitted on a training split.
 
 The decoder reads every retrieved passage as latents; the attention its question's positions put
 on each passage's span, per layer and head and calibrated by a content-free question
-(`LatentDecoder.latent_attention`), is a relevance signal, but averaged over heads it is a weak
-one: most heads attend by position, not content. The probe weighs each head, beside BM25 of the
-question and the retrieval score (each standardised over the retrieved set), with one linear
+(`lclm_rag.policies.question_attention`), is a relevance signal, but averaged over heads it is a
+weak one: most heads attend by position, not content. The probe weighs each head, beside BM25 of
+the question and the retrieval score (each standardised over the retrieved set), with one linear
 layer fitted listwise (which of the k passages holds the answer) on training questions. It is
-specific to the reader it was fitted on (projector and decoder LoRA), so it is saved next to that
-checkpoint and checked against its fingerprint.
+specific to the reader it was fitted on (projector and decoder LoRA), so it belongs to that
+checkpoint: ``LatentContextModel.from_pretrained`` loads it, ``save_pretrained`` writes it, and
+it is checked against the reader's fingerprint before use. This module sits in the model layer
+and imports no model: the model holds a probe, not the other way round.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lclm_rag.errors import ConfigError, InputError
-from lclm_rag.model import LatentContextModel
-from lclm_rag.prompt import CONTENT_FREE_QUESTION
 
 SKIM_PROBE_FILE = "skim_probe.safetensors"
 ATTENTION_SCALE = 10.0  # calibrated masses are ~0.01: scaled so one L2 penalty suits every feature
@@ -44,6 +43,12 @@ class SkimProbe:
                               f"{x.shape[-1] - 2}: fit a probe for it (lclm-rag fit-skim-probe)")
         return (x @ self.weights.to(x.dtype)).tolist()
 
+    def check_reader(self, reader: str) -> None:
+        """Refuse to score for a reader other than the one the probe was fitted on."""
+        if self.reader and self.reader != reader:
+            raise ConfigError(f"the skim probe was fitted on reader {self.reader[:12]}, not on this model's "
+                              f"{reader[:12]}: fit one for it (lclm-rag fit-skim-probe)")
+
     def save_pretrained(self, directory: str | Path) -> Path:
         path = Path(directory) / SKIM_PROBE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,13 +66,6 @@ class SkimProbe:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         return cls(load_file(path)["weights"], metadata.get("reader", ""), metadata.get("trained_on", ""))
-
-
-def skim_attention(model: LatentContextModel, question: str, latents: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The skim: (layers, heads, passages) attention of the question's positions on each passage's
-    latents, less that of a content-free question (the passages prefilled once for both)."""
-    return model.decoder.latent_attention(model.decoder.qa_segments(question, latents),
-                                          model.decoder.qa_segments(CONTENT_FREE_QUESTION, latents), per_head=True)
 
 
 def _z(values: torch.Tensor) -> torch.Tensor:
@@ -106,31 +104,3 @@ def fit_listwise(features: Sequence[torch.Tensor], gold: Sequence[Sequence[bool]
 
     opt.step(closure)
     return w.detach()
-
-
-_PROBES: "weakref.WeakKeyDictionary[LatentContextModel, SkimProbe]" = weakref.WeakKeyDictionary()
-
-
-def use_skim_probe(model: LatentContextModel, probe: SkimProbe) -> None:
-    """Make ``probe`` the one the ``skim`` policy applies with ``model`` (a checkpoint's own loads by itself)."""
-    if probe.reader and probe.reader != model.decoder.fingerprint():
-        raise ConfigError(f"the skim probe was fitted on reader {probe.reader[:12]}, not on this model's "
-                          f"{model.decoder.fingerprint()[:12]}: fit one for it (lclm-rag fit-skim-probe)")
-    _PROBES[model] = probe
-
-
-def has_skim_probe(model: LatentContextModel) -> bool:
-    """Whether the ``skim`` policy can run with ``model`` (a probe set, or one saved in its checkpoint)."""
-    directory = getattr(model, "directory", None)
-    return model in _PROBES or (directory is not None and (Path(directory) / SKIM_PROBE_FILE).is_file())
-
-
-def skim_probe(model: LatentContextModel) -> SkimProbe:
-    """The probe set with `use_skim_probe`, else the one saved in the model's checkpoint directory."""
-    if model not in _PROBES:
-        directory = getattr(model, "directory", None)
-        if directory is None:
-            raise ConfigError("the skim policy needs a fitted probe: this model was not loaded from a checkpoint "
-                              "directory (fit one with lclm-rag fit-skim-probe, or pass it to use_skim_probe)")
-        use_skim_probe(model, SkimProbe.from_pretrained(directory))
-    return _PROBES[model]

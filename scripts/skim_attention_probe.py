@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lclm_rag.model import LatentContextModel
-from lclm_rag.planning import fused_relevance
+from lclm_rag.policies import fused_relevance
 from lclm_rag.skim import fit_listwise
 from lclm_rag.training.skim_probe import skim_examples
 

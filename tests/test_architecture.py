@@ -9,13 +9,14 @@ SOURCES = {"lclm_rag": REPO / "lclm_rag", "lclm_rag.ingest": REPO / "ingest", "l
 LAYERS = [  # (rank, module prefixes)
     (0, ["lclm_rag.errors", "lclm_rag.hub"]),
     (1, ["lclm_rag.config", "lclm_rag.projector", "lclm_rag.prompt", "lclm_rag.compressor", "lclm_rag.decoder",
-         "lclm_rag.engine", "lclm_rag.model", "lclm_rag.checkpoint"]),
-    (2, ["lclm_rag.chunking", "lclm_rag.embedding", "lclm_rag.store", "lclm_rag.ingest", "lclm_rag.planning", "lclm_rag.skim",
-         "lclm_rag.sidecar",
+         "lclm_rag.engine", "lclm_rag.serving", "lclm_rag.model", "lclm_rag.checkpoint"]),
+    (1, ["lclm_rag.skim"]),
+    (2, ["lclm_rag.chunking", "lclm_rag.embedding", "lclm_rag.store", "lclm_rag.ingest", "lclm_rag.planning", "lclm_rag.policies",
+         "lclm_rag.query_config", "lclm_rag.rag", "lclm_rag.sidecar",
          "lclm_rag.data"]),
     (3, ["lclm_rag.integrations"]),
     (4, ["lclm_rag.evaluation"]),
-    (5, ["lclm_rag.training", "lclm_rag.cli", "lclm_rag.cli_args"]),
+    (5, ["lclm_rag.training", "lclm_rag.cli", "lclm_rag.cli_args", "lclm_rag.cli_query"]),
 ]
 
 

@@ -52,8 +52,8 @@ def test_compare_prints_the_paired_table_of_two_results(tmp_path):
 
 
 def test_cli_policy_choices_are_the_planners():
-    from lclm_rag.cli import EXPAND_POLICIES
-    from lclm_rag.planning import POLICIES
+    from lclm_rag.cli_query import EXPAND_POLICIES
+    from lclm_rag.policies import POLICIES
 
     assert EXPAND_POLICIES == list(POLICIES)
 

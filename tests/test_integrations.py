@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from lclm_rag.ingest import Ingestor
-from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentQueryEngine, LatentRetriever
+from lclm_rag.integrations.llama_index import LatentContextPostprocessor, LatentNode, LatentQueryEngine, LatentRetriever
+from lclm_rag.integrations.nodes import latents_of
 
 from lclm_rag.errors import CompressorMismatchError, ConfigError, InputError, StoreError
 from lclm_rag.store import LatentStore, id_for_node
@@ -33,8 +34,9 @@ def test_retriever_returns_nodes_scores_and_stored_latents(store, embedder):
     assert "eiffel" in nodes[0].node.metadata["doc_id"]
     stored = {p.id: p for p in store.retrieve([n.node.node_id for n in nodes])}
     for n in nodes:
-        latents, source = retriever.cache.get(n.node.node_id)
+        latents, source = latents_of(n.node)  # carried on the node: no map beside it, nothing process-wide
         assert source == "stored" and torch.equal(latents, stored[n.node.node_id].latents)
+        assert "latent" not in n.node.metadata and "latent" not in n.node.model_dump_json()  # never in prompts or docstores
 
 
 def test_engine_sync_async_stream_agree_and_never_encode(store, embedder, model):
@@ -104,35 +106,36 @@ def test_postprocessor_on_a_plain_llamaindex_qdrant_index(tmp_path, model, embed
     before = [(n.node.node_id, n.score, dict(n.node.metadata)) for n in retrieved]
     calls = model.compressor.encoder_calls
     out = post.postprocess_nodes(retrieved)
-    assert out == retrieved and all(a is b for a, b in zip(out, retrieved))
-    assert [(n.node.node_id, n.score, dict(n.node.metadata)) for n in out] == before
-    sources = {n.node.get_content(): post.cache.get(n.node.node_id)[1] for n in out}
+    assert [(n.node.node_id, n.score, dict(n.node.metadata)) for n in out] == before  # the same nodes, in order
+    assert all(isinstance(n.node, LatentNode) and n.node.get_content() == r.node.get_content() for n, r in zip(out, retrieved))
+    sources = {n.node.get_content(): latents_of(n.node)[1] for n in out}
     assert sources == {texts[0]: "stored", texts[1]: "stored", texts[2]: "stored", texts[3]: "computed"}
     assert model.compressor.encoder_calls == calls + 1  # only the node the collection lacks
     node0 = next(n for n in out if n.node.get_content() == texts[0])
     stored0 = latent_store.retrieve([id_for_node(node0.node.node_id)])[0]
-    assert torch.equal(post.cache.get(node0.node.node_id)[0], stored0.latents)
+    assert torch.equal(latents_of(node0.node)[0], stored0.latents)
     engine = LatentQueryEngine.from_args(retriever=index.as_retriever(similarity_top_k=4), node_postprocessors=[post], model=model, max_new_tokens=4)
     response = engine.query("What did Apollo 11 do?")
     assert len(response.source_nodes) == 4 and sorted(p["latent_source"] for p in response.metadata["passages"]) == ["computed", "stored", "stored", "stored"]
 
     # LlamaIndex's own engine with the latent synthesizer: the same answer from the same latents
-    from lclm_rag.integrations.llama_index import LatentCache, LatentSynthesizer
+    from lclm_rag.integrations.llama_index import LatentSynthesizer
     from llama_index.core.query_engine import RetrieverQueryEngine
     from llama_index.core.schema import QueryBundle
 
-    cache = LatentCache()
-    synthesizer = LatentSynthesizer(model, cache=cache, max_new_tokens=4)
+    synthesizer = LatentSynthesizer(model, max_new_tokens=4)
     standard = RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=4), response_synthesizer=synthesizer,
-                                    node_postprocessors=[LatentContextPostprocessor(model, store=latent_store, cache=cache)])
+                                    node_postprocessors=[LatentContextPostprocessor(model, store=latent_store)])
     own = standard.query("What did Apollo 11 do?")
     assert own.response == response.response and own.metadata["passages"] == response.metadata["passages"]
     streamed = RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=4),
-                                    response_synthesizer=LatentSynthesizer(model, cache=cache, max_new_tokens=4, streaming=True),
-                                    node_postprocessors=[LatentContextPostprocessor(model, store=latent_store, cache=cache)])
+                                    response_synthesizer=LatentSynthesizer(model, max_new_tokens=4, streaming=True),
+                                    node_postprocessors=[LatentContextPostprocessor(model, store=latent_store)])
     assert "".join(streamed.query("What did Apollo 11 do?").response_gen).strip() == response.response
-    nodes = standard.retrieve(QueryBundle("What did Apollo 11 do?"))
+    nodes = standard.retrieve(QueryBundle("What did Apollo 11 do?"))  # postprocessed: the nodes carry their latents
     assert asyncio.run(synthesizer.asynthesize("What did Apollo 11 do?", nodes)).response == response.response
+    plain = index.as_retriever(similarity_top_k=4).retrieve("What did Apollo 11 do?")  # latents lost on the way: compressed now
+    assert LatentSynthesizer(model, max_new_tokens=4).synthesize("What did Apollo 11 do?", plain).metadata["passages"][0]["latent_source"] == "computed"
     client.close()
 
 
@@ -151,15 +154,22 @@ def test_a_condense_question_chat_engine_answers_through_the_latent_synthesizer(
 def test_a_postprocessor_whose_latents_nobody_reads_warns_once(store, embedder, model):
     import warnings
 
-    from lclm_rag.integrations.llama_index import LatentCache
+    from lclm_rag.integrations.llama_index import LatentSynthesizer
 
-    nodes = LatentRetriever(store, embedder, similarity_top_k=2, cache=LatentCache()).retrieve(QUESTION)
-    post = LatentContextPostprocessor(model, store=store, cache=LatentCache())  # a cache no synthesizer reads
+    nodes = LatentRetriever(store, embedder, similarity_top_k=2).retrieve(QUESTION)
+    post = LatentContextPostprocessor(model, store=store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        post.postprocess_nodes(nodes)  # the first use cannot know yet
     with pytest.warns(UserWarning, match="no LatentSynthesizer reads these latents"):
-        post.postprocess_nodes(nodes)
+        post.postprocess_nodes(nodes)  # its nodes of the first use were never read as latents
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         post.postprocess_nodes(nodes)  # once is enough
+        read = LatentContextPostprocessor(model, store=store)
+        given = read.postprocess_nodes(nodes)
+        LatentSynthesizer(model, max_new_tokens=2).synthesize(QUESTION, given)
+        read.postprocess_nodes(nodes)  # a synthesizer read them: no warning
 
 
 def test_errors(store, embedder, model, tmp_path):
@@ -215,7 +225,7 @@ def test_cli_query(store, model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["edge", "qdrant"])  # the embedded engine and qdrant-client's local mode
 def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_readers_read(tmp_path, packaged_model, backend):
-    from lclm_rag.integrations.llama_index import LatentCache, LatentCompression, LatentSynthesizer, LatentVectorStore
+    from lclm_rag.integrations.llama_index import LatentCompression, LatentSynthesizer, LatentVectorStore
     from llama_index.core import SimpleDirectoryReader, StorageContext, VectorStoreIndex
     from llama_index.core.ingestion import IngestionPipeline
     from llama_index.core.node_parser import SentenceSplitter
@@ -228,13 +238,12 @@ def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_
     model = packaged_model
     embed_model = HuggingFaceEmbedding(model_name=resolve_model(DEFAULT_EMBEDDER))
     docs = SimpleDirectoryReader(str(DOCS), filename_as_id=True).load_data()
-    cache = LatentCache()
 
     # 1. IngestionPipeline -> a collection that LatentQueryEngine (what `lclm-rag query` runs) reads
     store = LatentStore.open("pipe", path=tmp_path / "pipe", backend=backend)
     pipeline = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), embed_model,
-                                                  LatentCompression(model, cache=cache)],
-                                 vector_store=LatentVectorStore(store, model, DEFAULT_EMBEDDER, cache=cache),
+                                                  LatentCompression(model)],
+                                 vector_store=LatentVectorStore(store, model, DEFAULT_EMBEDDER),
                                  docstore=SimpleDocumentStore())
     written = pipeline.run(documents=docs)
     count = store.count()
@@ -253,12 +262,12 @@ def test_ingestion_pipeline_and_vector_store_index_write_collections_the_latent_
     assert f"answer: {answer.response}\n" in cli.stdout  # `lclm-rag query` reads the pipeline's collection the same way
 
     # 2. VectorStoreIndex.from_documents -> the standard RetrieverQueryEngine with the latent synthesizer
-    vector_store = LatentVectorStore(LatentStore.open("index", path=tmp_path / "index", backend=backend), model, DEFAULT_EMBEDDER, cache=cache)
+    vector_store = LatentVectorStore(LatentStore.open("index", path=tmp_path / "index", backend=backend), model, DEFAULT_EMBEDDER)
     index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=vector_store),
                                             embed_model=embed_model,
-                                            transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), LatentCompression(model, cache=cache)])
+                                            transformations=[SentenceSplitter(chunk_size=128, chunk_overlap=16), LatentCompression(model)])
     standard = RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=3),
-                                    response_synthesizer=LatentSynthesizer(model, cache=cache, max_new_tokens=12))
+                                    response_synthesizer=LatentSynthesizer(model, max_new_tokens=12))
     response = standard.query(QUESTION)
     assert response.response == answer.response  # the same passages, latents and decoder as the pipeline's collection
     assert [p["latent_source"] for p in response.metadata["passages"]] == ["stored"] * 3

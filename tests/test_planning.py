@@ -1,16 +1,11 @@
 import pytest
 
 from lclm_rag.errors import InputError
-from lclm_rag.planning import (
-    Passage,
-    build_segments,
-    decide_expansion,
-    lexical_relevance,
-    plan_prompt,
-    prefill_cost,
-    rank_for_expansion,
-)
+from lclm_rag.planning import Passage, build_segments, decide_expansion, plan_prompt, prefill_cost
+from lclm_rag.policies import lexical_relevance, rank_for_expansion
 from lclm_rag.prompt import latent_positions
+from lclm_rag.query_config import QueryConfig
+from lclm_rag.rag import LatentRAG
 
 
 def _passages(model, texts, scores):
@@ -87,7 +82,7 @@ def test_a_budget_drops_the_lowest_ranked_latents_to_make_room_for_the_expansion
 
 def test_latency_budget_is_a_position_budget_at_the_measured_prefill_cost(model, passages):
     cost = prefill_cost(model)
-    assert cost.per_position_s > 0 and cost.fixed_s >= 0 and prefill_cost(model) is cost  # measured once per model
+    assert cost.per_position_s > 0 and cost.fixed_s >= 0 and prefill_cost(model) is cost  # measured once per engine
     ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
     question = "What is the capital of France?"
     skim = plan_prompt(model, question, ps)
@@ -132,17 +127,18 @@ def test_attention_finds_the_passage_that_holds_the_answer(packaged_model, answe
 def test_auto_expansion_follows_its_threshold(model, passages):
     ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
     question = "Who designed the tower?"
+    answer = LatentRAG(model, config=QueryConfig(max_new_tokens=4)).generate
     for off in (None, 0.0):
-        decision = decide_expansion(model, question, ps, threshold=off, max_new_tokens=4)
+        decision = decide_expansion(model, question, ps, threshold=off, answer=answer)
         assert not decision.expanded and not decision.plan.expanded and 0 < decision.confidence <= 1
-    always = decide_expansion(model, question, ps, threshold=1.0, expand=2, policy="score", max_new_tokens=4)
+    always = decide_expansion(model, question, ps, threshold=1.0, expand=2, policy="score", answer=answer)
     assert always.expanded and always.plan.expanded == {1, 2} and "threshold 1" in always.reason
-    roomy = decide_expansion(model, question, ps, threshold=0.0, token_budget=10_000, max_new_tokens=4)
+    roomy = decide_expansion(model, question, ps, threshold=0.0, token_budget=10_000, answer=answer)
     assert not roomy.plan.expanded  # a budget that could hold every text still skims latents only
     assert decide_expansion(model, question, ps, threshold=1.0, expand=1, policy="score", token_budget=10_000,
-                            max_new_tokens=4).plan.expanded == {1}
+                            answer=answer).plan.expanded == {1}
     with pytest.raises(InputError, match="threshold must be in"):
-        decide_expansion(model, question, ps, threshold=1.5)
+        decide_expansion(model, question, ps, threshold=1.5, answer=answer)
 
 
 def test_answer_confidence_is_the_mean_token_probability(model, passages):

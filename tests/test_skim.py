@@ -7,17 +7,9 @@ import torch
 
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.model import LatentContextModel
-from lclm_rag.planning import Passage, lexical_relevance, rank_for_expansion
-from lclm_rag.skim import (
-    SKIM_PROBE_FILE,
-    SkimProbe,
-    fit_listwise,
-    has_skim_probe,
-    skim_attention,
-    skim_features,
-    skim_probe,
-    use_skim_probe,
-)
+from lclm_rag.planning import Passage
+from lclm_rag.policies import lexical_relevance, question_attention, rank_for_expansion
+from lclm_rag.skim import SKIM_PROBE_FILE, SkimProbe, fit_listwise, skim_features
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,7 +19,7 @@ def _passages(model, texts, scores):
 
 
 def _heads(model, question, ps):
-    return skim_attention(model, question, [p.latents for p in ps])
+    return question_attention(model, question, [p.latents for p in ps])
 
 
 def test_fit_listwise_learns_which_feature_marks_the_gold_passage():
@@ -70,7 +62,7 @@ def test_skim_policy_weighs_the_decoders_heads_bm25_and_score(model, passages):
     expected = {"head": sorted(range(4), key=lambda i: -one_head[i]),
                 "bm25": rank_for_expansion(question, ps, "lexical"), "score": [1, 2, 0, 3]}
     for name, weights in only.items():
-        use_skim_probe(model, SkimProbe(weights, reader))
+        model.use_skim_probe(SkimProbe(weights, reader))
         assert rank_for_expansion(question, ps, "skim", model) == expected[name], name
     ps[2].latents = None  # text only: expanded anyway, so ranked first
     assert rank_for_expansion(question, ps, "skim", model)[0] == 2
@@ -82,20 +74,23 @@ def test_skim_policy_weighs_the_decoders_heads_bm25_and_score(model, passages):
 def test_a_probe_is_saved_beside_its_checkpoint_and_refused_for_another_reader(tiny_checkpoint, tmp_path, passages):
     checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
     model = LatentContextModel.from_pretrained(checkpoint)
-    assert model.directory == checkpoint and not has_skim_probe(model)
-    with pytest.raises(ConfigError, match="no skim probe at .*fit one with lclm-rag fit-skim-probe"):
-        skim_probe(model)
+    assert model.directory == checkpoint and model.skim_probe is None
+    with pytest.raises(ConfigError, match="the skim policy needs a fitted probe: this model has none"):
+        model.require_skim_probe()
     ps = _passages(model, passages, [0.2, 0.9, 0.5, 0.1])
     n_heads = _heads(model, "q", ps).reshape(-1, 4).shape[0]
     probe = SkimProbe(torch.linspace(-1, 1, n_heads + 2), model.decoder.fingerprint(), '{"questions": {"x.jsonl": 3}}')
     assert probe.save_pretrained(checkpoint).name == SKIM_PROBE_FILE
     reloaded = LatentContextModel.from_pretrained(checkpoint)
-    assert has_skim_probe(reloaded)
-    loaded = skim_probe(reloaded)
+    assert reloaded.skim_probe is not None
+    loaded = reloaded.require_skim_probe()
     assert torch.equal(loaded.weights, probe.weights) and (loaded.reader, loaded.trained_on) == (probe.reader, probe.trained_on)
     assert sorted(rank_for_expansion("Where is the tower?", _passages(reloaded, passages, [0.2] * 4), "skim", reloaded)) == [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="fitted on reader 0123456789ab, not on this model's"):
-        use_skim_probe(reloaded, SkimProbe(probe.weights, "0123456789abcdef"))
+        reloaded.use_skim_probe(SkimProbe(probe.weights, "0123456789abcdef"))
+    saved = reloaded.save_pretrained(tmp_path / "saved")  # save_pretrained writes the probe with the checkpoint
+    assert (saved / SKIM_PROBE_FILE).is_file()
+    assert torch.equal(LatentContextModel.from_pretrained(saved).require_skim_probe().weights, probe.weights)
     with pytest.raises(ConfigError, match=f"reads {n_heads + 1} attention heads but this decoder has {n_heads}"):
         SkimProbe(torch.zeros(n_heads + 3), probe.reader).scores(_heads(model, "q", ps), [1.0] * 4, [0.1] * 4)
 
@@ -121,7 +116,7 @@ def test_fit_skim_probe_on_a_training_file(model, tmp_path):
 
 @pytest.mark.slow
 def test_the_packaged_probe_finds_the_passage_that_holds_the_answer(packaged_model, answer_in_each_position):
-    assert has_skim_probe(packaged_model)
+    assert packaged_model.skim_probe is not None
     for position, texts in answer_in_each_position:
         ps = _passages(packaged_model, texts, [0.5] * 4)  # the retrieval score says nothing: BM25 and the heads decide
         assert rank_for_expansion("Who designed the tower in Paris?", ps, "skim", packaged_model)[0] == position

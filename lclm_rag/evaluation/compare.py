@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lclm_rag.data import sample_records
+from lclm_rag.data import check_qa_records, sample_records
 from lclm_rag.errors import InputError
 from lclm_rag.evaluation.metrics import answer_contained, exact_match, f1_score
 
@@ -27,6 +27,11 @@ def paired_comparison(new: dict, old: dict, mode: str = "latent", old_mode: str 
     as it was given, relative to where the evaluation ran).
     """
     old_mode = old_mode or mode
+    for label, result in (("new", new), ("old", old)):
+        if not isinstance(result, dict) or not isinstance(result.get("predictions"), dict):
+            raise InputError(f"the {label} result is not an `lclm-rag eval --output` file (no predictions object)")
+        if not isinstance(result.get("n"), int) or not isinstance(result.get("seed"), int):
+            raise InputError(f"the {label} result records no whole-number n and seed: not an `lclm-rag eval --output` file")
     for label, result, m in (("new", new, mode), ("old", old, old_mode)):
         if m not in result.get("predictions", {}):
             raise InputError(f"the {label} result has no predictions for mode {m!r}; it has {sorted(result.get('predictions', {}))}")
@@ -39,9 +44,11 @@ def paired_comparison(new: dict, old: dict, mode: str = "latent", old_mode: str 
     path = Path(data or new["data"])
     if not path.is_file():
         raise InputError(f"{path}: no such file (the results' data file); pass the data file to compare them")
-    records = sample_records(path, new["n"], seed=new["seed"])
+    records = check_qa_records(sample_records(path, new["n"], seed=new["seed"]), path)
     predictions = {"new": new["predictions"][mode], "old": old["predictions"][old_mode]}
     for label, preds in predictions.items():
+        if not isinstance(preds, list) or not all(isinstance(p, str) for p in preds):
+            raise InputError(f"the {label} result's predictions are not a list of answers")
         if len(preds) != len(records):
             raise InputError(f"the {label} result has {len(preds)} predictions for {len(records)} questions (an unfinished run?)")
     rows = []

@@ -16,12 +16,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lclm_rag.data import load_jsonl, sample_records
+from lclm_rag.data import check_qa_records, corpus_documents, doc_id_of, load_jsonl, sample_records
 from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import machine_info
-from lclm_rag.evaluation.rag import EvalCollection, corpus_documents, doc_id_of
-from lclm_rag.planning import POLICIES, rank_for_expansion
-from lclm_rag.skim import has_skim_probe
+from lclm_rag.evaluation.rag import EvalCollection
+from lclm_rag.policies import POLICIES, rank_for_expansion
 
 
 def run_expansion_recall(data: str | Path, model, *, limit: int = 500, seed: int = 0, top_k: int = 5,
@@ -36,7 +35,7 @@ def run_expansion_recall(data: str | Path, model, *, limit: int = 500, seed: int
     from lclm_rag.hub import DEFAULT_EMBEDDER
 
     if policies is None:
-        policies = [p for p in POLICIES if p != "skim" or has_skim_probe(model)]
+        policies = [p for p in POLICIES if p != "skim" or model.skim_probe is not None]
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise InputError(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")
@@ -44,7 +43,7 @@ def run_expansion_recall(data: str | Path, model, *, limit: int = 500, seed: int
         raise InputError(f"counts must lie in 1..top_k={top_k}, got {list(counts)}")
     records = sample_records(data, limit, seed=seed)
     temp = None if workdir else tempfile.TemporaryDirectory(prefix="lclm-rag-expansion-")
-    collection = EvalCollection(model, corpus_documents(load_jsonl(data)), Path(workdir or temp.name), Embedder(DEFAULT_EMBEDDER),
+    collection = EvalCollection(model, corpus_documents(check_qa_records(load_jsonl(data), data)), Path(workdir or temp.name), Embedder(DEFAULT_EMBEDDER),
                                 DEFAULT_EMBEDDER, top_k, progress)
     hits = {p: {n: 0 for n in counts} for p in policies}
     seconds = {p: 0.0 for p in policies}

@@ -2,14 +2,13 @@
 
 Modes that give the decoder text use the *base* decoder (adapters off): that is what a user
 without lclm-rag runs. Modes that give it latents use the checkpoint's adapted decoder. Answers
-go through the framework-free query path (``lclm_rag.planning``), the one the LlamaIndex
-integration wraps, so the evaluation needs no LlamaIndex.
+go through the query path (`lclm_rag.rag.LatentRAG`), the one `lclm-rag query` and the
+LlamaIndex classes run, so the evaluation needs no LlamaIndex.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -17,18 +16,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lclm_rag.data import load_jsonl, sample_records
-from lclm_rag.engine import GenerationSettings
+from lclm_rag.data import check_qa_records, corpus_documents, doc_id_of, load_jsonl, sample_records
 from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import PeakRSS, machine_info
 from lclm_rag.evaluation.metrics import score_predictions
-from lclm_rag.planning import POLICIES, Passage, build_segments, decide_expansion, plan_prompt
-from lclm_rag.skim import skim_probe
+from lclm_rag.planning import Passage
+from lclm_rag.policies import POLICIES
+from lclm_rag.query_config import QueryConfig
+from lclm_rag.rag import Answer, LatentRAG
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_POLICIES = ("lexical",)  # the expand mode's policy unless told: the recommended setting's (README)
 RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "auto", "llmlingua", "gold-text", "gold-latent")
 PER_RATIO_MODES = ("latent", "expand", "auto", "gold-latent")
 
@@ -45,24 +44,6 @@ class Asked:
     docs: list | None = None  # doc ids retrieved (None: no retrieval)
     expanded: int = 0  # passages given as text
     expanded_docs: list | None = None  # doc ids of the retrieved passages given as text
-
-
-def corpus_documents(records: Sequence[dict]):
-    """One document per distinct context; ids are content hashes (stable across runs)."""
-    from lclm_rag.ingest import SourceDocument
-
-    return [SourceDocument(doc_id_of(c), c, "eval") for c in sorted({r["context"] for r in records})]
-
-
-def doc_id_of(context: str) -> str:
-    return "ctx-" + hashlib.sha1(context.encode()).hexdigest()[:16]
-
-
-def _check_records(records: Sequence[dict], path) -> None:
-    for i, r in enumerate(records):
-        missing = [k for k in ("context", "question", "answers") if k not in r]
-        if missing or not r.get("answers"):
-            raise InputError(f"{path}: record {i} needs context, question and non-empty answers (missing {missing or ['answers']})")
 
 
 class EvalCollection:
@@ -85,58 +66,41 @@ class EvalCollection:
                           "overlap": ingestor.overlap}
         self.reads = {"compressor": model.fingerprint(), "reader": model.decoder.fingerprint()}
         self.budget = {"pooling": c.pooling, "ratio": c.ratio, "encoder_window": c.encoder_window}
+        self.rag = LatentRAG(model, self.store, embed, QueryConfig(top_k=top_k))
 
     def retrieve(self, question: str) -> list[Passage]:
-        hits = self.store.search(self.embed.embed([question])[0], self.top_k, with_latents=True)
-        return [Passage(h.id, h.text, h.score, h.latents, "stored", doc_id=h.payload.get("doc_id")) for h in hits]
+        return self.rag.retrieve(question)
 
     def ask(self, question: str, expand: int, policy: str, max_new_tokens: int, token_budget: int | None = None) -> Asked:
         """Retrieve, plan (``expand`` passages as text, within ``token_budget``), generate; timing the first new token."""
-        start = time.perf_counter()
-        passages = self.retrieve(question)
-        plan = plan_prompt(self.model, question, passages, expand, policy, token_budget=token_budget)
-        segments = build_segments(self.model, question, passages, plan)
-        text, first = _generate(self.model, segments, max_new_tokens)
-        return Asked(text, start, first, time.perf_counter(), plan.prompt_positions, [p.doc_id for p in passages], len(plan.expanded),
-                     [passages[i].doc_id for i in plan.expanded])
+        rag = self.rag.with_config(expand=expand, policy=policy, token_budget=token_budget, max_new_tokens=max_new_tokens)
+        return _asked(rag.answer(question))
 
     def ask_auto(self, question: str, threshold: float, expand: int, policy: str, max_new_tokens: int) -> Asked:
         """Answer from latents; below ``threshold`` confidence expand and answer again. The time to
-        first token is that of the answer returned: after the skim's whole answer when it expanded."""
-        start = time.perf_counter()
-        passages = self.retrieve(question)
-        skim: list = []
-
-        def answer(segments) -> str:
-            text, first = _generate(self.model, segments, max_new_tokens)
-            skim.append(first)
-            return text
-
-        decision = decide_expansion(self.model, question, passages, threshold=threshold, expand=expand, policy=policy,
-                                    max_new_tokens=max_new_tokens, answer=answer)
-        text, first = decision.latent_answer, skim[0]
-        if decision.expanded:
-            text, first = _generate(self.model, decision.segments, max_new_tokens)
-        return Asked(text, start, first, time.perf_counter(), decision.plan.prompt_positions, [p.doc_id for p in passages],
-                     len(decision.plan.expanded), [passages[i].doc_id for i in decision.plan.expanded])
+        first token is that of the answer returned: after the first read's whole answer when it expanded."""
+        rag = self.rag.with_config(expand="auto", auto_threshold=threshold, auto_expand=expand, policy=policy,
+                                   max_new_tokens=max_new_tokens)
+        return _asked(rag.answer(question))
 
     def gold_latents(self, record: dict) -> list:
         ids = self.store.ids_of_doc(doc_id_of(record["context"]))
         return [p.latents for p in sorted(self.store.retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])]
 
 
-def _generate(model, segments, max_new_tokens: int) -> tuple[str, float]:
-    """The answer and its time to first token, on the model's decode engine."""
-    with torch.no_grad():
-        prompt = model.decoder.embed(segments)
-    return model.decoder.engine.timed(prompt, GenerationSettings(max_new_tokens=max_new_tokens))
+def _asked(answer: Answer) -> Asked:
+    t = answer.timings
+    plan, passages = answer.plan, answer.passages
+    return Asked(answer.text, 0.0, t["first_token_s"], t["total_s"], plan.prompt_positions, [p.doc_id for p in passages],
+                 len(plan.expanded), [passages[i].doc_id for i in plan.expanded])
 
 
 def _direct(model, question: str, slots, max_new_tokens: int, start: float | None = None, docs: list | None = None,
             expanded: int = 0) -> Asked:
+    """No retrieval (none, gold and LongLLMLingua modes): the prompt of these slots, generated as the query path does."""
     start = start or time.perf_counter()
     segments = model.decoder.qa_segments(question, slots)
-    text, first = _generate(model, segments, max_new_tokens)
+    text, first = LatentRAG(model, config=QueryConfig(max_new_tokens=max_new_tokens)).generate(segments)
     return Asked(text, start, first, time.perf_counter(), model.prompt_positions(segments), docs, expanded)
 
 
@@ -235,7 +199,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] = RAG_MODES, *, limit: int = 500,
-                 seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str | Sequence[str] = "lexical",
+                 seed: int = 0, top_k: int = 5, expand: int = 1, expand_policy: str | Sequence[str] = DEFAULT_POLICIES,
                  auto_thresholds: Sequence[float] = (0.5,), auto_policy: str | None = None,
                  token_budgets: Sequence[int | None] = (None,), max_new_tokens: int = 32,
                  workdir: str | Path | None = None, embedder: str | None = None, output: str | Path | None = None,
@@ -283,8 +247,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
         raise InputError("at least one checkpoint is needed")
     if resume and not output:
         raise InputError("resume continues the run saved in output: give the output path")
-    all_records = load_jsonl(data)
-    _check_records(all_records, data)
+    previous = _saved_run(output) if resume and output and Path(output).exists() else None  # checked before any model loads
+    all_records = check_qa_records(load_jsonl(data), data)
     records = sample_records(data, limit, seed=seed)  # the sample paired_comparison draws again
     temp = None if workdir else tempfile.TemporaryDirectory(prefix="lclm-rag-eval-")
     workdir = Path(workdir or temp.name)
@@ -293,7 +257,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     models = [c if isinstance(c, LatentContextModel) else load_model(c) for c in checkpoints]
     if "skim" in policies + [auto_policy]:
         for m in models:
-            skim_probe(m)  # no probe for a reader: a clear error before anything is ingested
+            m.require_skim_probe()  # no probe for a reader: a clear error before anything is ingested
     setups = [EvalCollection(m, documents, workdir, embed, embedder or DEFAULT_EMBEDDER, top_k, progress) for m in models]
     jobs = _jobs(modes, setups, top_k, expand, policies, list(auto_thresholds), auto_policy, max_new_tokens, list(token_budgets))
     result = {"data": str(data), "n": len(records), "corpus_passages": {s.label: s.store.count() for s in setups},
@@ -303,8 +267,8 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
               "readers": {s.label: s.reads["reader"] for s in setups},
               "ingested": {s.label: s.ingested for s in setups}, "machine": machine_info(), "scores": [], "predictions": {},
               "partial": {}, "mode_inputs": {label: inputs for label, _, _, inputs in jobs}}
-    if resume and output and Path(output).exists():
-        result = _resumable(json.loads(Path(output).read_text()), result, output)
+    if previous is not None:
+        result = _resumable(previous, result, output)
 
     def save() -> None:
         if output:
@@ -323,6 +287,19 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     if temp is not None:
         temp.cleanup()
     return result
+
+
+def _saved_run(output: str | Path) -> dict:
+    """The run saved in ``output``, or one clear error when it is not one (truncated, not JSON, another file)."""
+    try:
+        saved = json.loads(Path(output).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot resume {output}: it is not a saved evaluation ({exc}); use another --output or drop "
+                         "--resume to start over") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("predictions"), dict) or not isinstance(saved.get("scores"), list):
+        raise InputError(f"cannot resume {output}: it is not a saved evaluation (no predictions and scores); use another "
+                         "--output or drop --resume to start over")
+    return saved
 
 
 _RUN_SETTINGS = ("data", "n", "seed", "top_k", "expand", "max_new_tokens")  # policies and budgets are in the mode labels
