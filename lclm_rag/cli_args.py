@@ -44,7 +44,7 @@ def check_qdrant_url(url: str | None) -> None:
     from urllib.parse import urlsplit
 
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url if "://" in url else f"http://{url}")  # qdrant-client reads HOST:PORT as http
         port = parts.port
     except ValueError as exc:
         raise InputError(f"--qdrant-url {url!r} is not a URL ({exc}); e.g. http://localhost:6333") from None

@@ -90,6 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lclm_rag.data import check_qa_records, load_jsonl
 
     check_qa_records(load_jsonl(args.data), args.data)  # a malformed file fails before any model loads
+    if args.resume and args.output and Path(args.output).exists() and not args.gold:
+        from lclm_rag.evaluation.rag import saved_run
+
+        saved_run(args.output)  # so does a damaged run to resume
     readers = [load_reader(c, args) for c in checkpoints]
     if args.expansion_recall:
         from lclm_rag.evaluation.expansion import run_expansion_recall

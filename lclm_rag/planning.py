@@ -121,7 +121,8 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
         plan.expanded = set((ranking or [])[:expand]) | must_expand
         if room is not None and (planned := positions(plan.expanded, set())) > room:
             logger.warning("the planned prompt takes %d decoder positions; the decoder reads %d, %d of them kept for the "
-                           "answer: the lowest-ranked latents are dropped to fit", planned, context, reserve)
+                           "answer: fitted as a budget of that size (fewer passages expanded, the lowest-ranked latents dropped if need be)",
+                           planned, context, reserve)
             token_budget, fitted_to_context = room, True
             ranking = ranking or rank_for_expansion(question, passages, policy, model)
     elif room is not None and token_budget > room:

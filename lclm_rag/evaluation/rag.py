@@ -247,7 +247,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
         raise InputError("at least one checkpoint is needed")
     if resume and not output:
         raise InputError("resume continues the run saved in output: give the output path")
-    previous = _saved_run(output) if resume and output and Path(output).exists() else None  # checked before any model loads
+    previous = saved_run(output) if resume and output and Path(output).exists() else None  # checked before any model loads
     all_records = check_qa_records(load_jsonl(data), data)
     records = sample_records(data, limit, seed=seed)  # the sample paired_comparison draws again
     temp = None if workdir else tempfile.TemporaryDirectory(prefix="lclm-rag-eval-")
@@ -289,7 +289,7 @@ def run_rag_eval(data: str | Path, checkpoints: Sequence, modes: Sequence[str] =
     return result
 
 
-def _saved_run(output: str | Path) -> dict:
+def saved_run(output: str | Path) -> dict:
     """The run saved in ``output``, or one clear error when it is not one (truncated, not JSON, another file)."""
     try:
         saved = json.loads(Path(output).read_text(encoding="utf-8"))
