@@ -2,8 +2,9 @@
 
 Point schema
     vector ``dense``   sentence-transformers embedding, cosine, HNSW-indexed (search)
-    vector ``latent``  the passage's latents, a multivector: float16, MAX_SIM, HNSW off (m=0):
-                       stored, never indexed; read back with the search hits (one round trip)
+    vector ``latent``  the passage's latents, a multivector: uint8 with a scale and offset per vector
+                       in a new collection (float16 where the collection was made so), MAX_SIM,
+                       HNSW off (m=0): stored, never indexed; read back with the search hits
     payload            text, doc_id, source, chunk_index, start_char, end_char, num_tokens,
                        content_hash, fingerprint, ratio (+ the document's own metadata; its fields
                        named like these are kept under ``user_fields`` instead)

@@ -51,7 +51,9 @@ class CollectionSpec:
     embedding_model: str
     embedding_dim: int
     schema_version: int = 1
-    latent_dtype: str = "float16"  # how latents are stored: "float16" or "uint8" (store/quantize.py)
+    latent_dtype: str = "float16"  # how latents are stored: "float16" or "uint8" (store/quantize.py); a spec file
+    # without the field predates uint8 and holds float16, so that is the default when reading one; new collections
+    # are created as uint8 (`LatentStore.latent_dtype_for_writes`)
     latents_on_disk: bool = False  # latents memory-mapped and read for the hits only; the dense index stays in RAM
 
     @classmethod
