@@ -169,7 +169,7 @@ def add_query_parser(sub: argparse._SubParsersAction) -> None:
                    help="passages expanded back to raw text, or 'auto': answer from latents, expand only when unsure")
     p.add_argument("--policy", choices=EXPAND_POLICIES, default=None,
                    help="which passages to expand first (default: score; attention with --expand auto): retrieval "
-                        "score, BM25 of the question, both fused, the decoder's attention when it skims the latents, "
+                        "score, BM25 of the question, both fused, the decoder's attention when it reads every passage as latents, "
                         "or the checkpoint's fitted skim probe (lclm-rag fit-skim-probe)")
     p.add_argument("--auto-threshold", type=float, default=QueryConfig.auto_threshold,
                    help="--expand auto: expand when the latent answer's confidence (mean token probability) is below this")

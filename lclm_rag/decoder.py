@@ -251,7 +251,7 @@ class LatentDecoder(nn.Module):
     @torch.no_grad()
     def latent_attention(self, segments: Sequence[Segment], calibration: Sequence[Segment] | None = None,
                          per_head: bool = False) -> list[float] | torch.Tensor:
-        """The skim: the attention mass the question's positions put on each latent passage's span,
+        """The question's attention: the mass the question's positions put on each latent passage's span,
         averaged over those positions, layers and heads (in-context re-ranking, arXiv 2410.02642).
 
         ``calibration``: the same prompt with a content-free question (`CONTENT_FREE_QUESTION`); its
@@ -270,7 +270,7 @@ class LatentDecoder(nn.Module):
         if last < 0:
             return torch.zeros(0) if per_head else []
         if last == len(segments) - 1:
-            raise InputError("nothing follows the last passage: the skim reads the attention of the positions after it")
+            raise InputError("nothing follows the last passage: the attention read is that of the positions after it")
         if calibration is not None and not _same_prefix(segments, calibration, last):
             raise InputError("the calibration prompt must share everything up to the last passage with the question's")
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -19,7 +19,7 @@ from lclm_rag.errors import InputError
 BOUNDARY_POSITIONS = 2  # one boundary embedding before and one after each passage's latents
 RESTORE_PROMPT = "Repeat the text above word for word."
 CONTINUE_PROMPT = "Continue the text above."
-CONTENT_FREE_QUESTION = "N/A"  # asked beside the real question to calibrate the skim's attention (arXiv 2410.02642)
+CONTENT_FREE_QUESTION = "N/A"  # asked beside the real question to calibrate its attention (arXiv 2410.02642)
 
 Slot = torch.Tensor | str  # latents (n, encoder_hidden) or the passage's raw text
 _SENTINEL = "\u2063SLOT{}\u2063"

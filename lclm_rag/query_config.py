@@ -16,7 +16,7 @@ from lclm_rag.policies import POLICIES
 
 AUTO = "auto"
 DEFAULT_POLICY = "score"  # --expand N: retrieval order, no model call
-DEFAULT_AUTO_POLICY = "attention"  # --expand auto: the decoder's own skim decides (docs/benchmarks.md)
+DEFAULT_AUTO_POLICY = "attention"  # --expand auto: the decoder's own attention decides (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
