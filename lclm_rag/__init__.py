@@ -5,7 +5,8 @@ The layers, each importing only from those before it:
 - model: ``config``, ``compressor``, ``projector``, ``prompt``, ``decoder``, ``model``, ``checkpoint``
   (with ``hub`` and ``errors`` beneath them);
 - rag: ``chunking``, ``embedding``, ``store`` (one backend per engine behind an abstract base),
-  ``ingest`` (the top-level ``ingest/`` folder, installed as ``lclm_rag.ingest``), ``planning``;
+  ``ingest`` (the top-level ``ingest/`` folder, installed as ``lclm_rag.ingest``), and the query
+  path: ``policies``, ``query_config``, ``planning``, ``rag`` (``LatentRAG``);
 - integrations: ``lclm_rag.integrations.llama_index`` (the top-level ``integrations/`` folder; the
   ``llama-index`` extra);
 - on top: ``training`` and ``evaluation`` (packages of one-job modules), and the ``cli``.
@@ -34,6 +35,8 @@ _LAZY = {
     "LatentStore": "lclm_rag.store",
     "Embedder": "lclm_rag.embedding",
     "Ingestor": "lclm_rag.ingest",
+    "LatentRAG": "lclm_rag.rag",
+    "QueryConfig": "lclm_rag.query_config",
     "LatentQueryEngine": "lclm_rag.integrations.llama_index",
     "LatentRetriever": "lclm_rag.integrations.llama_index",
     "LatentContextPostprocessor": "lclm_rag.integrations.llama_index",
