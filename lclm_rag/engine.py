@@ -228,7 +228,8 @@ class VLLMEngine(DecodeEngine):
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
-            raise EngineError(f"the vllm engine needs vLLM ({exc}): pip install 'lclm-rag[vllm]'") from exc
+            raise EngineError(f"the vllm engine needs vLLM ({exc}): run through .venv-vllm (scripts/setup.sh --vllm) "
+                              "or pip install 'lclm-rag[vllm]'") from exc
         on_cpu = decoder.device.type == "cpu"
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
