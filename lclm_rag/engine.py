@@ -329,15 +329,19 @@ class RemoteVLLMEngine(DecodeEngine):
         if expected_fingerprint and expected_fingerprint[:16] not in self.model:
             logger.warning("the vLLM server at %s serves %s, not this decoder's serving copy (decoder-%s): answers "
                            "come from whatever weights it loaded", self.url, self.model, expected_fingerprint[:16])
-        self.mixed = mixed and tokens is not None
+        self.mixed, self.fallback, self._lock = mixed and tokens is not None, None, threading.Lock()
         if self.mixed and (why := mixed_prompts_refusal(self.client, self.url, self.model, tokens, dtype)):
             self._fall_back(why)
 
     def _fall_back(self, why: str) -> None:
-        logger.warning("the vLLM server at %s %s: sending whole prompts as embeddings", self.url, why)
-        self.mixed = False
+        """Whole embeddings from now on, said once (``fallback`` keeps why)."""
+        with self._lock:
+            if self.fallback is None:
+                self.fallback = why
+                logger.warning("the vLLM server at %s %s: sending whole prompts as embeddings", self.url, why)
+            self.mixed = False
 
-    def _body(self, prompt: torch.Tensor, settings: GenerationSettings, stream: bool) -> tuple[str, dict[str, Any]]:
+    def request_body(self, prompt: torch.Tensor, settings: GenerationSettings, stream: bool) -> tuple[str, dict[str, Any]]:
         """The endpoint and request body for one prompt (mixed while the server takes it)."""
         if self.mixed:
             content = self.tokens.parts(prompt, self.dtype)
@@ -349,7 +353,7 @@ class RemoteVLLMEngine(DecodeEngine):
     def _post(self, prompt: torch.Tensor, settings: GenerationSettings) -> str:
         import httpx
 
-        path, body = self._body(prompt, settings, stream=False)
+        path, body = self.request_body(prompt, settings, stream=False)
         try:
             reply = self.client.post(f"{self.url}{path}", json=body)
             if reply.status_code == 400 and self.mixed:
@@ -390,7 +394,7 @@ class RemoteVLLMEngine(DecodeEngine):
             raise EngineError(f"the vLLM server at {self.url} did not answer: {exc or type(exc).__name__}") from exc
 
     def _stream(self, prompt: torch.Tensor, settings: GenerationSettings) -> Iterator[str]:
-        path, body = self._body(prompt, settings, stream=True)
+        path, body = self.request_body(prompt, settings, stream=True)
         with self.client.stream("POST", f"{self.url}{path}", json=body) as reply:
             if reply.status_code == 400 and self.mixed:
                 self._fall_back(f"refused a mixed prompt ({reply.read()[:200]!r})")

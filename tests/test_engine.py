@@ -260,8 +260,8 @@ def test_the_server_takes_token_ids_for_text_and_loads_only_tensors(vllm_server,
     settings = GenerationSettings(max_new_tokens=12)
     mixed = make_engine(dec, url=vllm_server)
     whole = RemoteVLLMEngine(vllm_server, tokens=mixed.tokens, mixed=False)
-    assert mixed.mixed and not whole.mixed
-    sizes = [len(json.dumps(engine._body(prompt, settings, stream=False)[1])) for engine in (mixed, whole)]
+    assert mixed.mixed and mixed.fallback is None and not whole.mixed
+    sizes = [len(json.dumps(engine.request_body(prompt, settings, stream=False)[1])) for engine in (mixed, whole)]
     assert sizes[0] * 5 < sizes[1], sizes  # the passage as text: 2 latent slots' embeddings travel, not 100 positions'
     reference = dec.engine.generate([prompt], settings)
     assert mixed.generate([prompt], settings) == whole.generate([prompt], settings) == reference

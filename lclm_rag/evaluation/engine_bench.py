@@ -107,7 +107,7 @@ def bench_server(model, url: str, groups: list[list[str]], latents: list[list], 
     settings, rows, answers = GenerationSettings(max_new_tokens=new_tokens), [], {}
     for label, engine in paths.items():
         engine.generate([dec.embed(dec.qa_segments("Warm-up?", ["A warm-up passage."])).detach()], settings)
-        sizes = [len(json.dumps(engine._body(p, settings, stream=True)[1]).encode()) for p in prompts]
+        sizes = [len(json.dumps(engine.request_body(p, settings, stream=True)[1]).encode()) for p in prompts]
         passes = []
         for _ in range(2):  # first seen, then repeated
             ttft, texts = [], []
