@@ -134,5 +134,7 @@ class LatentConfig:
             raise CheckpointError(f"{path} is not a checkpoint config: a JSON object is expected, got {type(raw).__name__}")
         try:
             return cls.from_dict(raw)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a valid checkpoint config: {exc}") from exc

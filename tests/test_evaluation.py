@@ -218,7 +218,7 @@ def test_rag_eval_errors(tmp_path, model):
         run_rag_eval(bad, [model], ["none"])
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n")
-    with pytest.raises(ConfigError, match="this model was not loaded from a checkpoint directory"):  # before any ingestion
+    with pytest.raises(ConfigError, match="the skim policy needs a fitted probe: this model has none"):  # before any ingestion
         run_rag_eval(good, [model], ["expand"], expand_policy=["lexical", "skim"], workdir=tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
