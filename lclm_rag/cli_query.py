@@ -7,6 +7,7 @@ are `QueryConfig`'s and the ``--policy`` choices are the registered policies.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--latent-dtype applies to --gold (a RAG run reads the latents its collection stores)")
     if not Path(args.data).is_file():
         raise InputError(f"{args.data}: no such file")
+    if args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    QueryConfig(top_k=args.top_k, expand=args.expand, max_new_tokens=args.max_new_tokens)  # the query settings' own checks
     from lclm_rag.data import check_qa_records, load_jsonl
 
     check_qa_records(load_jsonl(args.data), args.data)  # a malformed file fails before any model loads
@@ -144,6 +148,8 @@ def cmd_fit_skim_probe(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     QueryConfig(top_k=args.top_k)
+    if not math.isfinite(args.l2) or args.l2 < 0:
+        raise InputError(f"--l2 must be a finite penalty >= 0, got {args.l2}")
     from lclm_rag.data import check_qa_records, load_jsonl
 
     for path in args.data:  # every file checked before the model loads

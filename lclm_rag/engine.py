@@ -319,10 +319,10 @@ class RemoteVLLMEngine(DecodeEngine):
         self.client = httpx.Client(timeout=timeout)
         try:
             models = self.client.get(f"{self.url}/models").raise_for_status().json()["data"]
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
-            raise EngineError(f"no vLLM server answers at {self.url} ({exc}); start one with "
+            served = [str(m["id"]) for m in models]
+        except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
+            raise EngineError(f"no vLLM server answers at {self.url} ({exc or type(exc).__name__}); start one with "
                                      "`vllm serve <serving copy> --enable-prompt-embeds`") from exc
-        served = [m["id"] for m in models]
         if model is None and not served:
             raise EngineError(f"the vLLM server at {self.url} serves no model")
         self.model = model or served[0]

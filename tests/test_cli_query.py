@@ -102,6 +102,18 @@ def test_malformed_qa_files_are_refused_before_any_model_loads(capsys, tmp_path,
     assert code == 2 and one_line(err) and expected in err, err
 
 
+@pytest.mark.parametrize("command, flags, expected", [
+    ("eval", ["--limit", "0"], "--limit must be at least 1"), ("eval", ["--top-k", "0"], "top_k must be"),
+    ("eval", ["--max-new-tokens", "0"], "max_new_tokens must be"), ("eval", ["--auto-thresholds", "nan"], "is not in [0, 1]"),
+    ("fit-skim-probe", ["--l2", "nan"], "--l2 must be"), ("fit-skim-probe", ["--top-k", "-1"], "top_k must be"),
+])
+def test_eval_and_probe_settings_are_checked_first(capsys, tmp_path, command, flags, expected):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n')
+    code, err = run(capsys, command, str(data), *flags)
+    assert code == 2 and one_line(err) and expected in err, err
+
+
 def test_compare_and_resume_refuse_files_that_are_not_results(capsys, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n')
@@ -154,6 +166,9 @@ def test_a_decoder_server_that_answers_wrongly_or_never(server, model):
         routes["/v1/completions"] = (200, "text/event-stream", b'data: {"choices": []}\n\n', 0)
         with pytest.raises(EngineError, match="answered without a completion"):
             list(engine.stream(prompt, settings))
+        routes["/v1/models"] = (200, "application/json", b'{"data": 5}', 0)
+        with pytest.raises(EngineError, match="no vLLM server answers"):
+            model.decoder.use_engine("vllm", url=f"{url}/v1", timeout=1.0)
         routes["/v1/completions"] = (200, "application/json", b"{}", 3)  # never answers within the timeout
         start = time.perf_counter()
         with pytest.raises(EngineError, match="did not answer"):
