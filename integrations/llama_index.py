@@ -33,7 +33,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 from pydantic import Field, PrivateAttr
 
 from lclm_rag.embedding import Embedder
-from lclm_rag.errors import InputError, StoreError
+from lclm_rag.errors import StoreError
 from lclm_rag.model import LatentContextModel, load_model
 from lclm_rag.query_config import QueryConfig
 from lclm_rag.rag import LatentRAG, check_question, retrieve_passages
@@ -49,8 +49,7 @@ class LatentRetriever(BaseRetriever):
     def __init__(self, store: LatentStore, embedder: Embedder | None = None, similarity_top_k: int = QueryConfig.top_k,
                  callback_manager: CallbackManager | None = None) -> None:
         spec = store.require()
-        if not isinstance(similarity_top_k, int) or isinstance(similarity_top_k, bool) or similarity_top_k <= 0:
-            raise InputError(f"similarity_top_k must be a positive integer, got {similarity_top_k!r}")
+        QueryConfig(top_k=similarity_top_k)  # the setting's one check
         self.store = store
         self.embedder = embedder or Embedder(spec.embedding_model)
         if self.embedder.dim != spec.embedding_dim:

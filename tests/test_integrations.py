@@ -183,7 +183,7 @@ def test_errors(store, embedder, model, tmp_path):
                                     expand_policy="skim")
     everything = LatentRetriever(store, embedder, similarity_top_k=500)  # more than the collection holds: all of it
     assert len(everything.retrieve("Eiffel")) == store.count()
-    with pytest.raises(InputError, match="similarity_top_k must be a positive integer"):
+    with pytest.raises(InputError, match="top_k must be a positive integer"):
         LatentRetriever(store, embedder, similarity_top_k=0)
     with pytest.raises(StoreError, match="'missing' does not exist"):
         LatentQueryEngine.from_collection("missing", path=str(tmp_path / "missing"), model=model)
