@@ -273,4 +273,7 @@ def test_equal_position_text_forms_take_no_more_positions_than_the_latents(model
     sidecar, _ = evaluate_gold_passage(model, records, "latent+key-terms", max_new_tokens=2)
     control, _ = evaluate_gold_passage(model, records + RECORDS, "latent+key-terms-control", max_new_tokens=2)
     assert sidecar.passage_positions > latent.passage_positions + 10  # "Key terms: Eiffel Tower; Paris; ..."
+    for mode in ("key-terms@sidecar", "lead@sidecar"):
+        wide, _ = evaluate_gold_passage(model, records, mode, max_new_tokens=2)
+        assert latent.passage_positions < wide.passage_positions <= sidecar.passage_positions
     assert control.n == 3

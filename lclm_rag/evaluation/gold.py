@@ -15,8 +15,9 @@ from lclm_rag.sidecar import fit_key_terms, key_terms, sidecar_text
 from lclm_rag.store.quantize import as_stored
 
 GOLD_MODES = ("none", "text", "text-base", "latent", "latent-control", "key-terms", "lead", "latent+key-terms",
-              "latent+key-terms-control")
-EQUAL_POSITION_MODES = ("key-terms", "lead")  # text cut to the positions the passage's latents take
+              "latent+key-terms-control", "key-terms@sidecar", "lead@sidecar")
+# text cut to the positions the passage's latents take (or, @sidecar, its latents and their sidecar)
+EQUAL_POSITION_MODES = ("key-terms", "lead", "key-terms@sidecar", "lead@sidecar")
 SIDECAR_TERMS = 12  # key terms after the latents in the latent+key-terms modes
 
 
@@ -25,9 +26,12 @@ def _lead(decoder, text: str, positions: int) -> str:
     return decoder.tokenizer.decode(decoder.text_ids(text)[:positions])
 
 
-def _equal_position_text(model, mode: str, text: str, positions: int) -> str:
+def _equal_position_text(model, mode: str, text: str, latents: int) -> str:
     dec = model.decoder
-    if mode == "lead":
+    positions = latent_positions(latents)
+    if mode.endswith("@sidecar"):
+        positions += len(dec.text_ids(" " + sidecar_text(key_terms(text, SIDECAR_TERMS))))
+    if mode.startswith("lead"):
         return _lead(dec, text, positions)
     return fit_key_terms(text, positions, lambda t: len(dec.text_ids(t))) or _lead(dec, text, positions)
 
@@ -42,7 +46,8 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
     ``latent_dtype`` ("float16", "uint8"): latents as a collection of that type gives them back
     (None: as the encoder made them). Query-independent text at the latents' own positions, read by
     the same decoder, is the bar latents must clear: ``key-terms`` (the passage's names and numbers,
-    `lclm_rag.sidecar`; its lead where it has none) and ``lead`` (its first tokens).
+    `lclm_rag.sidecar`; its lead where it has none) and ``lead`` (its first tokens); ``@sidecar``
+    cuts them to the positions of the latents with their sidecar instead.
     ``latent+key-terms``: the latents with their sidecar of key terms after them;
     ``latent+key-terms-control``: another passage's latents with this passage's key terms.
     Returns the scores (with the passage's mean prompt positions) and the predictions.
@@ -65,7 +70,7 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
             else:
                 latents = model.compress([r["context"] for r in batch])
                 if mode in EQUAL_POSITION_MODES:
-                    contexts = [[_equal_position_text(model, mode, r["context"], latent_positions(len(lat)))]
+                    contexts = [[_equal_position_text(model, mode, r["context"], len(lat))]
                                 for r, lat in zip(batch, latents)]
                 else:
                     if mode.endswith("-control"):
