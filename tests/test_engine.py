@@ -168,10 +168,10 @@ def test_a_server_without_mixed_prompts_gets_whole_embeddings_said_once(model, c
 
 # ---------------------------------------------------------------------------------------------- vLLM
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-vllm_tests = pytest.mark.xdist_group("vllm")  # one worker starts the engine and the server once for all of them
+vllm_tests = pytest.mark.xdist_group("vllm")  # one worker starts the server once for all of them
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_python() -> Path:
     """vLLM's own environment (its CPU build pins an older transformers than the library's); the
     README's test command creates it, so there these tests always run."""
@@ -193,7 +193,7 @@ def _answers(*engine_args: str, python: Path | str = sys.executable) -> tuple[li
     return answers, res.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_answers(vllm_python) -> list[str]:
     return _answers()[0]
 
@@ -204,10 +204,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_server(vllm_python, tmp_path_factory):
     """``vllm serve`` on the serving copy, on 127.0.0.1 only, with the copy's prompt template and
-    prefix caching; started once for the module and stopped after it."""
+    prefix caching; started once per test session (a module fixture would restart it whenever
+    xdist runs another module's test between these) and stopped at its end."""
     export = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "export-decoder"], capture_output=True, text=True, env=_env(), timeout=600)
     assert export.returncode == 0, export.stderr[-2000:]
     copy_dir = Path(export.stdout.split(": ", 1)[1].splitlines()[0])
