@@ -479,7 +479,12 @@ def test_a_run_continues_on_a_fresh_clone_from_its_compact_candidate(tmp_path, t
     fresh["output_dir"] = str(tmp_path / "clone")  # nothing of the first run's directory on the new machine
     clone = tmp_path / "clone.json"
     clone.write_text(json.dumps(fresh))
+    from lclm_rag.training.candidate import read_candidate
+
+    stored = LatentContextModel.from_pretrained(read_candidate(candidate)[0]).decoder.projector.latent_scale.clone()
     final = train(TrainConfig.load(clone), resume_from=candidate)
+    # the projector's latent statistics are the candidate's: a continued run does not calibrate afresh
+    torch.testing.assert_close(LatentContextModel.from_pretrained(final).decoder.projector.latent_scale, stored)
     rows = [r for r in load_jsonl(tmp_path / "clone" / "log.jsonl") if r["type"] == "train"]
     whole = [r for r in load_jsonl(tmp_path / "whole" / "log.jsonl") if r["type"] == "train"]
     assert [r["global_step"] for r in rows] == list(range(1, 11))  # the candidate's log, then the steps it went on with

@@ -130,7 +130,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
         state = {"stage": 0, "step": 0, "global_step": 0, "elapsed": 0.0}
     source = ExampleSource(cfg, model)
     fresh_projector = not cfg.init_from or "projector" in cfg.reinit  # a trained projector keeps its statistics
-    if resume is None and fresh_projector and cfg.calibration_passages:
+    if resume is None and not from_candidate and fresh_projector and cfg.calibration_passages:
         _calibrate(model, source, cfg.calibration_passages, cfg.seed)
     wrapper = TrainingModule(model, unpadded=cfg.unpadded, cache_latents=cfg.cache_latents)
     log_path = out / "log.jsonl"
