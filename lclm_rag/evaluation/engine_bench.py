@@ -64,19 +64,21 @@ def bench_batch(model, slots_per_question: dict[str, list[list]], new_tokens: in
 
 
 @contextmanager
-def vllm_server(model_dir: Path, log: Path) -> Iterator[str]:
-    """``vllm serve`` (this environment's vLLM) on ``model_dir`` at 127.0.0.1, with the serving
-    copy's prompt template and prefix caching; its ``/v1`` URL while it runs."""
+def vllm_server(model_dir: Path, log: Path, python: str | Path = sys.executable,
+                env: dict[str, str] | None = None) -> Iterator[str]:
+    """``vllm serve`` (``python``'s vLLM, by default this environment's) on ``model_dir`` at
+    127.0.0.1, with the serving copy's prompt template and prefix caching; its ``/v1`` URL while it runs."""
     import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
+    args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--enable-prompt-embeds", "--chat-template", str(model_dir / "lclm_rag_prompt.jinja"),
             "--enable-prefix-caching", "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log.open("w"),
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
+    if env is None:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     try:
         deadline = time.time() + 900
         while True:
