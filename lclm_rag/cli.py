@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config)
     results = {}
     for checkpoint in args.evaluate:
-        results[checkpoint] = evaluate_heldout(cfg, checkpoint, batch_size=args.batch_size)
+        results[checkpoint] = evaluate_heldout(cfg, checkpoint, batch_size=args.batch_size, questions=args.questions)
         print(checkpoint, json.dumps(results[checkpoint]), flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"recipe": args.config, "checkpoints": results}, indent=2) + "\n")
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: restoration accuracy (and its control) of CHECKPOINT on every held-out "
                         "chunk of the recipe's corpus split; repeatable")
     p.add_argument("--batch-size", type=int, default=32, help="with --evaluate: chunks per batch (and per control rotation)")
+    p.add_argument("--questions", type=int, default=0, help="with --evaluate: also the gold answers' loss on this many "
+                   "questions of the recipe's qa_eval_file, read as its QA stage reads them (and its control)")
     p.add_argument("--output", help="with --evaluate: write the results as JSON here")
     p.set_defaults(func=cmd_train)
 

@@ -397,28 +397,97 @@ def _tiny_model_and_source(tmp_path, tiny_models, **stage):
     return cfg, model, ExampleSource(cfg, model)
 
 
-def test_the_unpadded_step_has_the_padded_steps_loss_and_gradients(tmp_path, tiny_models):
-    from lclm_rag.training.objectives import TrainingModule
-    from lclm_rag.training.parts import set_trainable
+def test_the_heldout_answer_loss_reads_unseen_questions_as_the_qa_stage_does(tmp_path, tiny_models):
+    from lclm_rag.cli import main
+    from lclm_rag.training.heldout import heldout_answer_loss, heldout_qa_examples
 
+    qa = tmp_path / "heldout_qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squadshifts_nyt.jsonl", limit=40)))
+    recipe = _config(tmp_path, tiny_models, "answers", qa_eval_file=str(qa))
+    cfg = TrainConfig.load(recipe)
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    own, control = heldout_qa_examples(cfg, model, 12)
+    records = {r["question"]: r for r in load_jsonl(qa)}
+    for ex, swapped in zip(own, control):
+        question = next(q for q in records if q in ex.user_message)
+        assert records[question]["context"] in ex.passages and len(ex.passages) == 2  # gold + the stage's 1 distractor
+        assert question in swapped.user_message and records[question]["context"] not in swapped.passages
+        assert swapped.target == ex.target
+    result = heldout_answer_loss(cfg, model, 12)
+    assert result["questions"] == 12 and 0 < result["answer_loss"] != result["answer_loss_control"] > 0
+    checkpoint = model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "answers.json"
+    assert main(["train", "--config", str(recipe), "--evaluate", str(checkpoint), "--batch-size", "4",
+                 "--questions", "12", "--output", str(out)]) == 0
+    scored = json.loads(out.read_text())["checkpoints"][str(checkpoint)]
+    assert scored["answer_loss"] == pytest.approx(result["answer_loss"], abs=2e-4)
+    with pytest.raises(ConfigError, match="qa_eval_file"):
+        heldout_answer_loss(TrainConfig.load(_config(tmp_path, tiny_models, "none")), model, 4)
+
+
+def test_the_unpadded_step_has_the_padded_steps_loss_and_gradients(tmp_path, tiny_models):
     cfg, model, source = _tiny_model_and_source(tmp_path, tiny_models)
     batch = [source.example(1, cfg.stages[1], i) for i in range(6)]
     assert {ex.task for ex in batch} == {"qa", "restoration"}  # prompts of very different lengths
     from lclm_rag.training.objectives import shared_prefix_length
 
-    assert shared_prefix_length([model.decoder.segments(ex.user_message, ex.passages) for ex in batch]) > 10  # the system turn
+    with torch.no_grad():
+        embedded = [model.decoder.embed(model.decoder.segments(ex.user_message, ex.passages)) for ex in batch]
+    assert shared_prefix_length(embedded) > 10  # the system turn
+    _assert_unpadded_matches_padded(model, batch)
+
+
+def _assert_unpadded_matches_padded(model, batch) -> int:
+    """The padded and the unpadded step's loss, accuracy and gradients agree; returns the positions the unpadded one ran."""
+    from lclm_rag.training.objectives import TrainingModule
+    from lclm_rag.training.parts import set_trainable
+
     params = set_trainable(model, ["projector", "boundary", "decoder_lora"])
     model.train()
-    results = []
+    results, positions = [], []
     for unpadded in (False, True):
-        loss, metric, value = TrainingModule(model, unpadded=unpadded, cache_latents=False)(batch, False)
+        seen = []
+        handle = model.decoder.model.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]),
+            with_kwargs=True)
+        try:
+            loss, metric, value = TrainingModule(model, unpadded=unpadded, cache_latents=False)(batch, False)
+        finally:
+            handle.remove()
         loss.backward()
         results.append((loss.item(), value, [p.grad.clone() for p in params]))
+        positions.append(sum(seen))
         model.zero_grad()
     (padded_loss, padded_acc, padded_grads), (loss, acc, grads) = results
     assert loss == pytest.approx(padded_loss, rel=1e-5) and acc == padded_acc
     for a, b in zip(padded_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    return positions[1]
+
+
+def test_questions_over_the_same_passages_share_their_prompt_in_the_step(tmp_path, tiny_models):
+    qa = tmp_path / "squadshifts.jsonl"  # ~5 questions a passage
+    qa.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squadshifts_nyt.jsonl", limit=60)))
+    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "step", qa_data=[str(qa)]))
+    cfg.stages[1] = dataclasses.replace(cfg.stages[1], questions_per_context=2, mix_restoration=0.0)
+    model = LatentContextModel.from_config(LatentConfig(**cfg.model))
+    source = ExampleSource(cfg, model)
+    grouped = [source.example(1, cfg.stages[1], i) for i in range(8)]
+    pairs = [(a, b) for a, b in zip(grouped[::2], grouped[1::2])]
+    shared = [(a, b) for a, b in pairs if a.passages == b.passages]
+    assert len(shared) == 4
+    assert all(a.user_message != b.user_message for a, b in shared)  # the same passages, another question
+    assert [ex.passages for ex in grouped] == [ex.passages for ex in (source.example(1, cfg.stages[1], i) for i in range(8))]
+    a, b = shared[0]
+    batch = [a, b, *shared[1]]
+    unpadded = _assert_unpadded_matches_padded(model, batch)
+    with torch.no_grad():
+        lengths = [len(model.decoder.embed(model.decoder.segments(ex.user_message, ex.passages))) for ex in batch]
+    alone = sum(lengths) + sum(len(model.decoder.text_ids(ex.target)) for ex in batch)  # each example on its own
+    assert unpadded < alone - (lengths[0] + lengths[2]) / 2, (unpadded, alone)  # each pair's passages ran once
+    with pytest.raises(ConfigError, match="does not divide batch_size"):
+        TrainConfig.load(_config(tmp_path, tiny_models, "odd", batch_size=3,
+                                 stages=[{"name": "qa", "steps": 1, "questions_per_context": 2}]))
 
 
 def test_latents_are_cached_only_while_the_compressor_is_frozen(tmp_path, tiny_models):
@@ -451,15 +520,20 @@ def test_a_sidecar_stage_puts_each_passages_key_terms_after_its_latents(tmp_path
         TrainConfig.from_dict({"output_dir": "x", "stages": [{"name": "qa", "steps": 1, "key_terms": -1}]})
 
 
-def test_the_training_benchmark_times_both_steps_on_the_same_examples(tmp_path, tiny_models):
+def test_the_training_benchmark_times_the_three_steps(tmp_path, tiny_models):
     from lclm_rag.training.bench import bench_training
 
-    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "bench"))
-    result = bench_training(cfg, steps=2)
-    padded, unpadded = result["rows"]
-    assert result["stage"] == "qa" and result["qa_examples"] > 0 and result["speedup"] > 0
+    qa = tmp_path / "squadshifts.jsonl"  # ~5 questions a passage
+    qa.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squadshifts_nyt.jsonl", limit=60)))
+    cfg = TrainConfig.load(_config(tmp_path, tiny_models, "bench", qa_data=[str(qa)]))
+    result = bench_training(cfg, steps=2, questions_per_context=2)
+    padded, unpadded, grouped = result["rows"]
+    assert result["stage"] == "qa" and result["questions_per_context"] == 2
     assert padded["losses"] == pytest.approx(unpadded["losses"], rel=1e-4)  # the same learning, step by step
     assert unpadded["cache_fill_s_per_passage"] > 0 and padded["qa_examples_per_hour"] > 0
+    assert grouped["qa_examples"] > 0 and grouped["losses"] != unpadded["losses"]  # its own examples
+    with pytest.raises(ConfigError, match="does not divide"):
+        bench_training(cfg, steps=1, questions_per_context=3)
 
 
 def test_a_run_continues_on_a_fresh_clone_from_its_compact_candidate(tmp_path, tiny_models):

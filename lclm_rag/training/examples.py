@@ -73,6 +73,9 @@ class ExampleSource:
                 raise ConfigError(f"qa_data shares {overlap} passages with qa_eval_file {cfg.qa_eval_file}: "
                                   "the evaluation would measure memorisation")
         self.qa_pool = sorted({r["context"] for r in self.qa})
+        self.questions: dict[str, list[dict]] = {}  # context -> its records, in file order
+        for r in self.qa:
+            self.questions.setdefault(r["context"], []).append(r)
 
     def example(self, stage_index: int, stage: StageConfig, position: int) -> Example:
         seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
@@ -83,7 +86,18 @@ class ExampleSource:
             return restoration_example(self._need(self.chunks, "corpus")[rng.randrange(len(self.chunks))], stage.key_terms)
         if stage.name == "continuation":
             return continuation_example(*self._need(self.pairs, "corpus")[rng.randrange(len(self.pairs))])
-        record = self._need(self.qa, "qa_data")[rng.randrange(len(self.qa))]
+        k = stage.questions_per_context
+        if k > 1:  # the group's passages come from its own stream; each position asks the next question
+            group, slot = divmod(position, k)
+            rng = random.Random(f"{seed}-{stage_index}-context-{group}")
+            first = self._need(self.qa, "qa_data")[rng.randrange(len(self.qa))]
+            questions = rng.sample(self.questions[first["context"]], len(self.questions[first["context"]]))
+            if slot < len(questions):  # else: a context with fewer questions; this position draws its own
+                return self._qa(stage, questions[slot], rng)
+            rng = random.Random(f"{seed}-{stage_index}-{position}-own")
+        return self._qa(stage, self._need(self.qa, "qa_data")[rng.randrange(len(self.qa))], rng)
+
+    def _qa(self, stage: StageConfig, record: dict, rng: random.Random) -> Example:
         pool = [c for c in rng.sample(self.qa_pool, min(len(self.qa_pool), stage.distractors + 1)) if c != record["context"]]
         return qa_example(self.model, record, pool, min(stage.distractors, len(pool)), rng, stage.key_terms)
 

@@ -34,56 +34,82 @@ def teacher_forced_batch(model: LatentContextModel, examples: list[Example], lat
     return unpadded_teacher_forced(dec, [dec.segments(m, s) for m, s in zip(messages, slots)], targets)
 
 
-def shared_prefix_length(prompts: Sequence[Sequence[Segment]]) -> int:
-    """Tokens every prompt opens with (its system turn and instruction), leaving each prompt one position of its own."""
-    firsts = [p[0].token_ids if p and p[0].token_ids is not None else [] for p in prompts]
-    length = min((len(f) for f in firsts), default=0)
-    for i in range(length):
-        if any(f[i] != firsts[0][i] for f in firsts[1:]):
-            length = i
+def shared_prefix_length(embedded: Sequence[torch.Tensor], start: int = 0, limit: int | None = None) -> int:
+    """Positions from ``start`` on where every embedded prompt is the same (compared as tensors), up to ``limit``."""
+    limit = min(len(e) for e in embedded) if limit is None else limit
+    first, length = embedded[0], max(0, limit - start)
+    for other in embedded[1:]:
+        if length == 0:
             break
-    shortest = min((sum(s.positions for s in p) for p in prompts), default=0)
-    return max(0, min(length, shortest - 1))
+        differs = (other[start : start + length] != first[start : start + length]).any(-1).nonzero()
+        if len(differs):
+            length = int(differs[0])
+    return start + length
 
 
 def unpadded_teacher_forced(decoder: LatentDecoder, prompts: Sequence[Sequence[Segment]], targets: Sequence[str]):
-    """``LatentDecoder.teacher_forced``'s loss, hits and count, without padding and without repeating
-    the prompts' shared opening.
+    """``LatentDecoder.teacher_forced``'s loss, hits and count, without padding and without running a
+    position twice that several prompts share.
 
     A padded batch that mixes a 60-position restoration prompt with 350-position QA prompts is ~40%
-    padding, and every prompt opens with the same 25-45 template positions (system turn,
-    instruction). Here the shared opening runs once, with gradients, and each example runs in a
-    forward of its own on a copy of its KV cache, so every example attends to exactly what it
-    would in the padded batch and the gradient reaches the opening's adapters from every example.
+    padding; every prompt opens with the same 25-45 template positions (system turn, instruction);
+    and questions asked over the same passages (a stage's ``questions_per_context``) share
+    everything up to the question. The prompts form a prefix tree: each shared run of positions
+    goes through the decoder once, with gradients, and each example continues on a copy of its KV
+    cache, so every example attends to exactly what it would in the padded batch and the gradient
+    reaches the shared positions from every example that reads them.
     """
-    from transformers import DynamicCache
-
     eos = decoder.tokenizer.eos_token_id
     table = decoder.model.get_input_embeddings()
     dev = decoder.device
-    name = cache_argument(decoder)
-    prefix_len = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-    prefix = None
-    if prefix_len:
-        ids = torch.tensor(prompts[0][0].token_ids[:prefix_len], device=dev)
-        opened = decoder.model(inputs_embeds=table(ids)[None], use_cache=True)
-        prefix = [(layer.keys, layer.values) for layer in getattr(opened, name).layers]
-    losses, hits, count = [], 0, 0
+    embedded, target_ids = [], []
     for segments, target in zip(prompts, targets, strict=True):
-        rest = list(segments)
-        if prefix_len:
-            rest[0] = Segment(token_ids=rest[0].token_ids[prefix_len:])
-            rest = [s for s in rest if s.token_ids is None or s.token_ids]
-        prompt = decoder.embed(rest)
+        prompt = decoder.embed(segments)
         tgt = torch.tensor(decoder.text_ids(target) + [eos], device=dev)
-        embeds = torch.cat([prompt, table(tgt[:-1]).to(prompt.dtype)])  # EOS is predicted, never read
-        cache = {name: DynamicCache(ddp_cache_data=prefix)} if prefix is not None else {}
-        logits = decoder.model(inputs_embeds=embeds[None], logits_to_keep=len(tgt), use_cache=prefix is not None,
-                               **cache).logits[0, -len(tgt):].float()
+        embedded.append((torch.cat([prompt, table(tgt[:-1]).to(prompt.dtype)]), len(prompt)))  # EOS is never read
+        target_ids.append(tgt)
+    losses, hits, count = [], 0, 0
+    for i, logits in _prefix_tree_logits(decoder, embedded, [len(t) for t in target_ids]):
+        tgt = target_ids[i]
         losses.append(nn.functional.cross_entropy(logits, tgt))
         hits += int((logits.argmax(-1) == tgt).sum())
         count += len(tgt)
     return torch.stack(losses).mean(), hits, count
+
+
+def _prefix_tree_logits(decoder: LatentDecoder, embedded: list[tuple[torch.Tensor, int]], kept: list[int]):
+    """Yield (example index, logits of its last ``kept`` positions), sharing common prompt prefixes."""
+    from transformers import DynamicCache
+
+    name = cache_argument(decoder)
+
+    def forward(embeds: torch.Tensor, cache: list | None, keep_cache: bool, **kwargs):
+        past = {name: DynamicCache(ddp_cache_data=cache)} if cache is not None else {}
+        return decoder.model(inputs_embeds=embeds[None], use_cache=keep_cache or cache is not None, **past, **kwargs)
+
+    def walk(members: list[int], cache: list | None, offset: int):
+        if len(members) > 1:
+            # each example keeps its last prompt position (it predicts the first target token)
+            limit = min(embedded[m][1] for m in members) - 1
+            shared = shared_prefix_length([embedded[m][0] for m in members], offset, limit)
+            if shared > offset:
+                opened = forward(embedded[members[0]][0][offset:shared], cache, True)
+                cache = [(layer.keys, layer.values) for layer in getattr(opened, name).layers]
+                offset = shared
+            groups: list[list[int]] = []
+            for m in members:  # split by the next position
+                same = next((g for g in groups if torch.equal(embedded[g[0]][0][offset], embedded[m][0][offset])), None)
+                same.append(m) if same is not None else groups.append([m])
+            if len(groups) == 1:  # nothing more to share before a prompt's last position
+                groups = [[m] for m in members]
+            for group in groups:
+                yield from walk(group, cache, offset)
+            return
+        (m,) = members
+        logits = forward(embedded[m][0][offset:], cache, False, logits_to_keep=kept[m]).logits[0, -kept[m]:].float()
+        yield m, logits
+
+    yield from walk(list(range(len(embedded))), None, 0)
 
 
 def alignment_targets(model: LatentContextModel, token_ids: list[list[int]], ratio: int | None = None) -> list[torch.Tensor]:

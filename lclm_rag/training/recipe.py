@@ -31,6 +31,9 @@ class StageConfig:
     answers: str = "gold"  # qa targets: "gold" answers, or "teacher": the full-text teacher's greedy answers (PISCO)
     key_terms: int = 0  # each passage's sidecar: at most this many of its names and numbers as text after its
     #                     latents (lclm_rag.sidecar); 0: latents only
+    questions_per_context: int = 1  # qa: consecutive examples asking this many different questions over the
+    #                     same passages (same distractors, same order); the unpadded step runs their shared
+    #                     prompt once. Divides batch_size; 1: every example draws its own passages
 
     def __post_init__(self) -> None:
         if self.name not in STAGES:
@@ -47,6 +50,9 @@ class StageConfig:
                               f"({sorted(ENCODER_PARTS)}); the decoder does not run, got {sorted(self.train)}")
         if isinstance(self.key_terms, bool) or not isinstance(self.key_terms, int) or self.key_terms < 0:
             raise ConfigError(f"stage {self.name}: key_terms must be a count >= 0, got {self.key_terms!r}")
+        if isinstance(self.questions_per_context, bool) or not isinstance(self.questions_per_context, int) \
+                or self.questions_per_context < 1:
+            raise ConfigError(f"stage {self.name}: questions_per_context must be a count >= 1, got {self.questions_per_context!r}")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio <= 0):
             raise ConfigError(f"stage {self.name}: ratio must be a positive integer, got {self.ratio!r}")
         stray = set(self.part_lr) - set(self.train)
@@ -96,6 +102,11 @@ class TrainConfig:
                 raise ConfigError(f"reinit: {part!r} cannot start fresh (known: {', '.join(REINIT_PARTS)})")
         if d.get("reinit") and not d.get("init_from"):
             raise ConfigError("reinit starts parts of an init_from checkpoint afresh: set init_from, or drop reinit")
+        batch = d.get("batch_size", cls.batch_size)
+        for stage in d["stages"]:
+            if batch % stage.questions_per_context:
+                raise ConfigError(f"stage {stage.name}: questions_per_context {stage.questions_per_context} does not divide "
+                                  f"batch_size {batch} (a step would split a context's questions)")
         for key in ("corpus", "qa_data"):  # JSONL paths stay strings; dataset specs become DatasetSpec
             d[key] = [parse_source(s) for s in d.get(key, [])]
         return cls(**d)
