@@ -85,8 +85,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def expand_count(text: str) -> int | str:
-    """``--expand``: a number of passages or ``auto``."""
-    if text == "auto":
+    """``--expand``: a number of passages, ``auto`` or ``text``."""
+    if text in ("auto", "text"):
         return text
     value = int(text)
     if value < 0:

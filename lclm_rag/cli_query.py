@@ -172,7 +172,8 @@ def add_query_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="model checkpoint (default: the packaged one; must match the collection)")
     p.add_argument("--top-k", type=int, default=QueryConfig.top_k, help="passages retrieved (all are read as latents)")
     p.add_argument("--expand", type=expand_count, default=QueryConfig.expand,
-                   help="passages expanded back to raw text, or 'auto': answer from latents, expand only when unsure")
+                   help="passages expanded back to raw text; 'auto': answer from latents, expand only when unsure; "
+                   "'text': no latents, as many passages as text as --token-budget holds, best first")
     p.add_argument("--policy", choices=EXPAND_POLICIES, default=None,
                    help="which passages to expand first (default: score; attention with --expand auto): retrieval "
                         "score, BM25 of the question, both fused, the decoder's attention when it reads every passage as latents, "
@@ -193,8 +194,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="RAG quality and cost on SQuAD-format records: compressed vs full text vs LongLLMLingua")
     p.add_argument("data", help="JSONL with context, question, answers; the distinct contexts become the corpus")
     p.add_argument("--checkpoint", action="append", help="repeat for each ratio (default: the packaged default)")
-    p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, llmlingua, gold-text, gold-latent "
-                   "(default all); --gold: none, text, text-base, latent, latent-control, key-terms, lead, "
+    p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, text-first, auto, llmlingua, gold-text, "
+                   "gold-latent (default all); --gold: none, text, text-base, latent, latent-control, key-terms, lead, "
                    "latent+key-terms[-control], key-terms@sidecar, lead@sidecar")
     p.add_argument("--gold", action="store_true", help="reading only: each question with its gold passage, batched")
     p.add_argument("--latent-dtype", choices=["float16", "uint8"],
@@ -204,11 +205,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=QueryConfig.top_k)
     p.add_argument("--expand", type=int, default=1, help="passages expanded to text in the expand and auto modes")
     p.add_argument("--policy", default=None,
-                   help=f"comma-separated expansion policies ({', '.join(POLICIES)}): the expand mode runs once per "
-                        "policy (default: lexical, the recommended setting's)")
+                   help=f"comma-separated expansion policies ({', '.join(POLICIES)}): the expand and text-first modes run "
+                        "once per policy (default: lexical, the recommended setting's)")
     p.add_argument("--token-budgets", default="none",
-                   help="comma-separated decoder position budgets ('none': no budget): the expand mode runs once per "
-                        "budget, dropping the lowest-ranked latents to make room for the expansion")
+                   help="comma-separated decoder position budgets ('none': no budget): the expand and text-first modes "
+                        "run once per budget (expand: the lowest-ranked latents make room for the expansion; "
+                        "text-first: as many passages as text as fit, no latents)")
     p.add_argument("--auto-thresholds", default="0.5",
                    help="comma-separated confidence thresholds: the auto mode runs once per threshold")
     p.add_argument("--auto-policy", choices=EXPAND_POLICIES, default=None,

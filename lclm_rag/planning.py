@@ -78,7 +78,7 @@ def prefill_cost(model: LatentContextModel, short: int = 64, long: int = 512) ->
 
 def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Passage], expand: int = 0,
                 policy: str = "score", token_budget: int | None = None, latency_budget_s: float | None = None,
-                reserve: int = 0) -> Plan:
+                reserve: int = 0, text_only: bool = False) -> Plan:
     """Choose the expanded passages; with ``token_budget`` fit the prompt into that many positions.
 
     With a budget, ``expand=n`` puts the n best-ranked passages in as text ahead of the lower-ranked
@@ -86,7 +86,9 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
     than a few as latents: F1 0.315 against 0.166 on SQuAD, ``docs/benchmarks.md``); ``expand=0``
     expands as many as fit, the best first, and drops latents only if even they do not fit.
     ``latency_budget_s`` (time to first token) becomes a position budget at the engine's measured
-    prefill cost (``prefill_cost``); with both, the tighter one holds.
+    prefill cost (``prefill_cost``); with both, the tighter one holds. ``text_only``: no latents;
+    the best-ranked passages go in as text while they fit, the rest are dropped (``expand`` is
+    not read).
 
     The whole planned prompt, with ``reserve`` positions left for the answer, is checked against
     the decoder's context before anything is decoded: a plan that does not fit is fitted as a
@@ -114,9 +116,11 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
         return model.prompt_positions(model.decoder.qa_segments(question, slots))
 
     must_expand = {i for i, p in enumerate(passages) if p.latents is None}
-    ranking = rank_for_expansion(question, passages, policy, model) if expand or token_budget is not None else None
+    ranking = rank_for_expansion(question, passages, policy, model) if expand or text_only or token_budget is not None else None
     plan = Plan(order=list(range(len(passages))))
     fitted_to_context = False
+    if text_only:
+        expand = len(passages)
     if token_budget is None:
         plan.expanded = set((ranking or [])[:expand]) | must_expand
         if room is not None and (planned := positions(plan.expanded, set())) > room:
@@ -131,12 +135,18 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
         def fits(expanded: set[int], dropped: set[int]) -> bool:
             return positions(expanded, dropped) <= token_budget
 
-        plan.expanded = set(must_expand)
+        everything = set(range(len(passages)))
+        plan.expanded = set() if text_only else set(must_expand)
         for rank, i in enumerate(ranking):  # the ``expand`` best go in as text ahead of lower-ranked latents
             if len(plan.expanded - must_expand) >= expand:
                 break
-            if i not in plan.expanded and fits(plan.expanded | {i}, set(ranking[rank + 1:])):
+            below = everything - plan.expanded - {i} if text_only else set(ranking[rank + 1:])
+            if i not in plan.expanded and fits(plan.expanded | {i}, below):
                 plan.expanded.add(i)
+        if text_only:  # whatever did not fit as text is dropped, never read as latents
+            plan.dropped = everything - plan.expanded
+            if not plan.expanded:
+                raise InputError(f"token_budget={token_budget} cannot hold even one passage as text")
         for worst in reversed(ranking):  # drop from the bottom until everything fits
             if fits(plan.expanded, plan.dropped):
                 break

@@ -15,6 +15,7 @@ from lclm_rag.errors import InputError
 from lclm_rag.policies import POLICIES
 
 AUTO = "auto"
+TEXT = "text"
 DEFAULT_POLICY = "score"  # --expand N: retrieval order, no model call
 DEFAULT_AUTO_POLICY = "attention"  # --expand auto: the decoder's own attention decides (docs/benchmarks.md)
 
@@ -23,9 +24,10 @@ DEFAULT_AUTO_POLICY = "attention"  # --expand auto: the decoder's own attention 
 class QueryConfig:
     """How one question is answered: retrieval, expansion, budgets, the auto decision, generation.
 
-    ``expand``: passages read as raw text (the rest as latents), or ``"auto"`` (answer from
+    ``expand``: passages read as raw text (the rest as latents), ``"auto"`` (answer from
     latents; below ``auto_threshold`` confidence expand ``auto_expand`` passages and answer
-    again). ``policy``: which passages to expand (`lclm_rag.policies.POLICIES`); None is
+    again) or ``"text"`` (no latents: the best-ranked passages as text, as many as the budget
+    holds; the plan that latents must beat at equal positions). ``policy``: which passages to expand (`lclm_rag.policies.POLICIES`); None is
     ``attention`` with ``expand="auto"`` and ``score`` otherwise. ``token_budget`` (decoder
     positions) and ``latency_budget_s`` (time to first token at the measured prefill cost) bound
     the prompt. ``compress_missing``: compress a passage the collection holds no latents for
@@ -45,8 +47,8 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if not _count(self.top_k) or self.top_k < 1:
             raise InputError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.expand != AUTO and (not _count(self.expand) or self.expand < 0):
-            raise InputError(f"expand must be a number of passages (>= 0) or 'auto', got {self.expand!r}")
+        if self.expand not in (AUTO, TEXT) and (not _count(self.expand) or self.expand < 0):
+            raise InputError(f"expand must be a number of passages (>= 0), 'auto' or 'text', got {self.expand!r}")
         if self.policy is not None and self.policy not in POLICIES:
             raise InputError(f"expand policy must be one of {POLICIES}, got {self.policy!r}")
         if self.token_budget is not None and (not _count(self.token_budget) or self.token_budget < 1):
@@ -67,6 +69,10 @@ class QueryConfig:
     @property
     def auto(self) -> bool:
         return self.expand == AUTO
+
+    @property
+    def text_only(self) -> bool:
+        return self.expand == TEXT
 
     @property
     def expand_policy(self) -> str:

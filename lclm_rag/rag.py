@@ -189,8 +189,8 @@ class LatentRAG:
                                         expand=c.auto_expand, policy=c.expand_policy, token_budget=c.token_budget,
                                         latency_budget_s=c.latency_budget_s, reserve=c.max_new_tokens)
             return decision.plan, decision.segments, decision
-        plan = plan_prompt(model, question, passages, c.expand, c.expand_policy, c.token_budget, c.latency_budget_s,
-                           reserve=c.max_new_tokens)
+        plan = plan_prompt(model, question, passages, 0 if c.text_only else c.expand, c.expand_policy, c.token_budget,
+                           c.latency_budget_s, reserve=c.max_new_tokens, text_only=c.text_only)
         return plan, build_segments(model, question, passages, plan), None
 
     def _prepare(self, question: str, passages: Sequence[Passage] | None) -> "_Prepared":

@@ -100,9 +100,12 @@ def test_rag_eval_runs_every_mode_on_the_same_questions_and_retrieval(tmp_path, 
     rows = {r["mode"]: r for r in result["scores"]}
     expand = [f"expand 1 of 2 ({p}) @1:{r}" for r in (4, 8) for p in ("lexical", "score")]
     auto = [f"auto < {t}: expand 1 (lexical) @1:{r}" for r in (4, 8) for t in (0, 1)]
+    text_first = [f"text first ({p}) top-2" for p in ("lexical", "score")]
     assert list(rows) == ["none", "text top-2", "text top-2 (adapted decoder)", "latent 1:4 top-2", "latent 1:8 top-2",
-                          *expand, *auto, "LongLLMLingua top-2 @1:4 budget", "gold text", "gold latent 1:4", "gold latent 1:8"]
+                          *expand, *text_first, *auto, "LongLLMLingua top-2 @1:4 budget", "gold text", "gold latent 1:4", "gold latent 1:8"]
     assert [rows[m]["passages_expanded"] for m in ("none", "text top-2", "latent 1:4 top-2", expand[0])] == [0, 2, 0, 1]
+    # no budget: text first reads every retrieved passage as text, with the adapted decoder
+    assert result["predictions"][text_first[1]] == result["predictions"]["text top-2 (adapted decoder)"]
     # the share of questions whose gold passage went in as text: all retrieved ones when all are expanded
     assert rows["text top-2"]["gold_expanded"] == rows["text top-2"]["recall_at_k"]
     assert rows["latent 1:4 top-2"]["gold_expanded"] == 0 and rows["none"]["gold_expanded"] is None

@@ -80,6 +80,26 @@ def test_a_budget_drops_the_lowest_ranked_latents_to_make_room_for_the_expansion
         assert squeezed.prompt_positions <= tight and 0 not in squeezed.dropped
 
 
+def test_the_text_first_plan_reads_the_best_passages_as_text_and_no_latents(model, passages):
+    ps = _passages(model, passages, [0.9, 0.2, 0.5, 0.1])  # score order 0, 2, 1, 3
+    question = "Who designed the tower?"
+    whole = plan_prompt(model, question, ps, text_only=True)
+    segs = build_segments(model, question, ps, whole)
+    assert whole.expanded == {0, 1, 2, 3} and all(s.latents is None for s in segs)  # no budget: plain text RAG
+    budget = model.prompt_positions(model.decoder.qa_segments(question, [ps[0].text, ps[2].text])) + 1
+    fitted = plan_prompt(model, question, ps, token_budget=budget, text_only=True)
+    segs = build_segments(model, question, ps, fitted)
+    assert fitted.expanded == {0, 2} and fitted.dropped == {1, 3} and fitted.prompt_positions <= budget
+    assert all(s.latents is None for s in segs)  # what did not fit as text is dropped, not read as latents
+    no_latents = [Passage("x", passages[0], 0.9, None), *ps[1:]]
+    assert 0 in plan_prompt(model, question, no_latents, token_budget=budget, text_only=True).expanded
+    with pytest.raises(InputError, match="cannot hold even one passage as text"):
+        plan_prompt(model, question, ps, token_budget=30, text_only=True)
+    assert QueryConfig(expand="text").text_only and not QueryConfig(expand=2).text_only
+    with pytest.raises(InputError, match="'auto' or 'text'"):
+        QueryConfig(expand="texts")
+
+
 def test_latency_budget_is_a_position_budget_at_the_measured_prefill_cost(model, passages):
     cost = prefill_cost(model)
     assert cost.per_position_s > 0 and cost.fixed_s >= 0 and prefill_cost(model) is cost  # measured once per engine

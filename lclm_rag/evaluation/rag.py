@@ -28,7 +28,7 @@ from lclm_rag.rag import Answer, LatentRAG
 logger = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = ("lexical",)  # the expand mode's policy unless told: the recommended setting's (README)
-RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "auto", "llmlingua", "gold-text", "gold-latent")
+RAG_MODES = ("none", "text", "text-adapted", "latent", "expand", "text-first", "auto", "llmlingua", "gold-text", "gold-latent")
 PER_RATIO_MODES = ("latent", "expand", "auto", "gold-latent")
 
 
@@ -71,7 +71,7 @@ class EvalCollection:
     def retrieve(self, question: str) -> list[Passage]:
         return self.rag.retrieve(question)
 
-    def ask(self, question: str, expand: int, policy: str, max_new_tokens: int, token_budget: int | None = None) -> Asked:
+    def ask(self, question: str, expand: int | str, policy: str, max_new_tokens: int, token_budget: int | None = None) -> Asked:
         """Retrieve, plan (``expand`` passages as text, within ``token_budget``), generate; timing the first new token."""
         rag = self.rag.with_config(expand=expand, policy=policy, token_budget=token_budget, max_new_tokens=max_new_tokens)
         return _asked(rag.answer(question))
@@ -141,6 +141,10 @@ def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand
         "expand": lambda s: [(f"expand {expand} of {top_k} ({p}) @{s.label}" + (f" within {b} positions" if b else ""),
                               lambda r, p=p, b=b: s.ask(r["question"], expand, p, max_new_tokens, b),
                               contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for p in policies for b in budgets],
+        "text-first": lambda s: [(f"text first ({p}) top-{top_k}" + (f" within {b} positions" if b else ""),
+                                  lambda r, p=p, b=b: main.ask(r["question"], "text", p, max_new_tokens, b),
+                                  contextlib.nullcontext, {**base, **main.retrieval, "reader": main.reads["reader"]})
+                                 for p in policies for b in budgets],
         "auto": lambda s: [(f"auto < {t:g}: expand {expand} ({auto_policy}) @{s.label}",
                             lambda r, t=t: s.ask_auto(r["question"], t, expand, auto_policy, max_new_tokens),
                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for t in thresholds],
