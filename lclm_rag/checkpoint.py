@@ -1,4 +1,5 @@
-"""Checkpoint directories: ours, and the layout of the published LCLM checkpoints.
+"""Checkpoint directories: ours, and the layout of the published LCLM checkpoints (Squid's and
+ARC-Encoder's are converted into ours once, `lclm_rag.families`).
 
 Ours::
 
@@ -25,6 +26,7 @@ import torch
 
 from lclm_rag.config import CONFIG_NAME, LatentConfig
 from lclm_rag.errors import CheckpointError, ConfigError
+from lclm_rag.families import convert_family, family_of
 
 LCLM_CONFIG = "model_config.json"
 LCLM_ADAPTER = "adapter/adapter.safetensors"
@@ -94,17 +96,22 @@ def packaged_checkpoints() -> dict[str, Path]:
     return {p.name: p for p in sorted(PACKAGED_DIR.iterdir()) if (p / CONFIG_NAME).exists()}
 
 
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A checkpoint directory from a path, the name of a packaged checkpoint, or a Hugging Face hub id."""
+def resolve_checkpoint(name_or_path: str | Path, decoder: str | None = None) -> Path:
+    """A checkpoint directory from a path, the name of a packaged checkpoint, or a Hugging Face hub id.
+
+    A Squid or ARC-Encoder checkpoint resolves to its conversion into our layout (made once,
+    `lclm_rag.families`); ``decoder`` picks the decoder an ARC-Encoder checkpoint is read with.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return convert_family(path, decoder) if family_of(path) else path
     packaged = packaged_checkpoints()
     if str(name_or_path) in packaged:
         return packaged[str(name_or_path)]
     name = str(name_or_path)
     if _looks_like_hub_id(name) and not (path.parent != Path(".") and path.parent.is_dir()):  # runs/x is a path
-        return _download_checkpoint(name)
+        path = _download_checkpoint(name)
+        return convert_family(path, decoder) if family_of(path) else path
     raise CheckpointError(
         f"checkpoint {name!r} is neither a directory, a packaged checkpoint (packaged: {sorted(packaged) or 'none'}) "
         "nor a hub id (owner/name)"

@@ -1,10 +1,12 @@
 """The encoder side: text -> a few latent vectors per passage (1 per `ratio` tokens).
 
-Three pooling modes from the literature:
+Four pooling modes from the literature:
 - ``mean`` (LCLM): the encoder's last hidden states are split into groups of ``ratio`` tokens
   and each group is averaged (a short last group averages only its real tokens).
-- ``memory`` (Squid): ``ceil(T / ratio)`` learned memory embeddings are appended after the
-  passage and their hidden states are the latents.
+- ``memory`` (Squid): ``ceil(T / ratio)`` learned memory embeddings (or a fixed
+  ``memory_slots``, Squid's 32) are appended after the passage and their hidden states are the latents.
+- ``pooled_queries`` (ARC-Encoder): the last encoder layer's queries are the means of balanced
+  groups of ``ratio`` states, attending to every state (`lclm_rag.query_pooling`).
 - ``concat`` (LCLM's order-aware ablation): a group's ``ratio`` states are joined into one
   ``ratio * hidden`` vector and a trained linear layer maps it back to ``hidden``, so the order
   of the tokens inside a group survives. The layer starts as mean pooling.
@@ -32,6 +34,7 @@ from torch import nn
 from lclm_rag.config import LatentConfig
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.hub import keep_reference, resolve_model
+from lclm_rag.query_pooling import PooledQueryLayer
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,7 @@ class LatentCompressor(nn.Module):
         else:
             self.memory_embeddings = None
         self.concat_pool = ConcatPool(hidden, config.ratio) if config.pooling == "concat" else None
+        self.query_pool = self._split_last_layer() if config.pooling == "pooled_queries" else None
         if config.encoder_lora:
             from lclm_rag.checkpoint import add_lora
 
@@ -148,6 +152,20 @@ class LatentCompressor(nn.Module):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoder_calls = 0  # forward passes through the encoder (query paths must leave it at 0)
         self._fingerprint: str | None = None
+
+    def _split_last_layer(self) -> PooledQueryLayer:
+        """Take the encoder's last layer out of its stack (it reads pooled queries), and its final
+        norm, which ARC-Encoder's latents never pass through."""
+        layers = _transformer_layers(self.encoder)
+        if len(layers) < 2:
+            raise ConfigError("pooled_queries pooling needs an encoder of at least 2 layers")
+        last = layers[-1]
+        del layers[-1]
+        self.encoder.config.num_hidden_layers = len(layers)
+        if isinstance(getattr(self.encoder.config, "layer_types", None), list):
+            self.encoder.config.layer_types = self.encoder.config.layer_types[: len(layers)]
+        self.encoder.norm = nn.Identity()
+        return PooledQueryLayer(last, self.encoder.rotary_emb)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -163,8 +181,10 @@ class LatentCompressor(nn.Module):
 
     def num_latents(self, num_tokens: int) -> int:
         """Latents for a passage of ``num_tokens`` tokens: ceil(T / ratio), window by window."""
-        w, r = self.config.encoder_window, self.config.ratio
+        w, r, slots = self.config.encoder_window, self.config.ratio, self.config.memory_slots
         full, rest = divmod(num_tokens, w)
+        if slots:
+            return (full + (rest > 0)) * slots
         return full * (w // r) + math.ceil(rest / r)
 
     # ------------------------------------------------------------------ encoding
@@ -176,7 +196,7 @@ class LatentCompressor(nn.Module):
         """One batched forward over windows (each <= encoder_window tokens) -> pooled latents."""
         r = self.config.ratio
         lens = [len(w) for w in windows]
-        counts = [math.ceil(n / r) for n in lens]
+        counts = [self.config.memory_slots or math.ceil(n / r) for n in lens]
         memory = self.memory_embeddings is not None
         totals = [n + c for n, c in zip(lens, counts)] if memory else lens
         width = max(totals)
@@ -195,6 +215,9 @@ class LatentCompressor(nn.Module):
         self.encoder_calls += 1
         attention = bidirectional_mask(mask, embeds.dtype) if self.config.encoder_attention == "bidirectional" else mask
         hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
+        if self.query_pool is not None:
+            pooled, counts = self.query_pool(hidden, mask, lens, r)
+            return [pooled[i, :c] for i, c in enumerate(counts)]
         # a ratio curriculum (training) may run a concat model below its ratio: it pools by mean there
         concat = self.concat_pool if self.concat_pool is not None and self.concat_pool.ratio == r else None
         out = []
@@ -274,6 +297,10 @@ class LatentCompressor(nn.Module):
             }
             if c.encoder_attention != "causal":  # absent for causal: fingerprints of earlier releases stay valid
                 parts["encoder_attention"] = c.encoder_attention
+            if c.memory_slots:
+                parts["memory_slots"] = c.memory_slots
+            if self.query_pool is not None:  # the last layer, held apart from the encoder's stack
+                parts["query_layer"] = tensor_digest(dict(self.query_pool.layer.state_dict()))
             self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
         return self._fingerprint
 

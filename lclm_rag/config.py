@@ -15,10 +15,13 @@ from lclm_rag.hub import DEFAULT_LM
 CONFIG_NAME = "config.json"
 FORMAT_NAME = "lclm-rag"
 FORMAT_VERSION = 1
-POOLING_MODES = ("mean", "memory", "concat")
+POOLING_MODES = ("mean", "memory", "concat", "pooled_queries")
 ATTENTION_MODES = ("causal", "bidirectional")
 BOUNDARY_MODES = ("learned", "tokens")
-PROMPT_TEMPLATES = ("lclm-rag", "lclm")  # named QA prompt forms (lclm_rag.prompt.qa_message)
+BOUNDARY_SIDES = ("both", "end")
+PROJECTOR_KINDS = ("mlp", "linear", "factored")  # lclm_rag.projector.Projector
+DECODER_PROMPTS = ("chat", "text", "bos-text")
+PROMPT_TEMPLATES = ("lclm-rag", "lclm", "squid", "arc")  # named QA prompt forms (lclm_rag.prompt.qa_message)
 
 
 @dataclass
@@ -36,16 +39,22 @@ class LatentConfig:
     pooling: str = "mean"  # "mean": average hidden states per group of `ratio` tokens (LCLM);
     #                        "memory": append learned memory tokens, take their states (Squid);
     #                        "concat": join a group's `ratio` states, map back to the latent width
-    #                        with a trained linear layer (order-aware; starts equal to "mean")
+    #                        with a trained linear layer (order-aware; starts equal to "mean");
+    #                        "pooled_queries": the last encoder layer reads one query per group
+    #                        (the mean of its states) against every state of the window (ARC-Encoder)
     ratio: int = 4  # tokens per latent vector: n = ceil(T / ratio)
     encoder_window: int = 512  # tokens per encoder forward (rounded down to a multiple of ratio);
     #                            longer passages are compressed window by window
     encoder_hidden_size: int = 0  # width of a latent vector (filled from the encoder config)
     encoder_lora: dict[str, Any] | None = None  # peft LoraConfig kwargs if the encoder is adapted
+    memory_slots: int | None = None  # memory pooling: this many slots per window whatever its length
+    #                                  (Squid: 32) instead of ceil(T / ratio)
 
     # --- projector: encoder width -> decoder input-embedding width ---
     projector_hidden_size: int | None = None  # intermediate width (None: the decoder width)
     projector_eps: float = 1e-6  # RMSNorm epsilon
+    projector_kind: str = "mlp"  # "mlp" (RMSNorm, Linear, GELU, Linear: ours and LCLM's), "linear" (one
+    #                              Linear with bias: Squid's), "factored" (two bias-free Linears: ARC's)
 
     # --- decoder side: can be retrained without re-ingesting anything ---
     decoder: str = DEFAULT_LM  # HF id or local path of the decoder causal LM
@@ -53,12 +62,16 @@ class LatentConfig:
     boundary: str = "learned"  # "learned": two trained vectors around each passage's latents;
     #                            "tokens": embeddings of the special tokens below (LCLM)
     boundary_tokens: tuple[str, str] = ("<|memory_start|>", "<|memory_end|>")
+    boundary_sides: str = "both"  # "both": a boundary before and after each passage's latents; "end":
+    #                               after them only (Squid, ARC-Encoder)
     decoder_lora: dict[str, Any] | None = None  # peft LoraConfig kwargs if the decoder is adapted
     qa_instruction: str = "Answer the question using the context. Reply with a short answer only."
     prompt_template: str = "lclm-rag"  # the QA user turn: "lclm-rag" (instruction, "Context:" with [i] per
     #   passage, "Question:"), "lclm" (LCLM's documented form: the passages between their memory
     #   boundaries, then the question), or your own text with {context} and {question} fields
     system_message: str | None = None  # a system turn before the user turn (None: the chat template's default)
+    decoder_prompt: str = "chat"  # "chat": the user turn inside the decoder's chat template; "text": the
+    #                               user turn as plain text (Squid); "bos-text": BOS, then the text (ARC)
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -75,8 +88,17 @@ class LatentConfig:
             raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
         if self.encoder_attention not in ATTENTION_MODES:
             raise ConfigError(f"encoder_attention must be one of {ATTENTION_MODES}, got {self.encoder_attention!r}")
-        if self.boundary not in BOUNDARY_MODES:
-            raise ConfigError(f"boundary must be one of {BOUNDARY_MODES}, got {self.boundary!r}")
+        for name, value, allowed in (("boundary", self.boundary, BOUNDARY_MODES), ("boundary_sides", self.boundary_sides, BOUNDARY_SIDES),
+                                     ("projector_kind", self.projector_kind, PROJECTOR_KINDS),
+                                     ("decoder_prompt", self.decoder_prompt, DECODER_PROMPTS)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.memory_slots is not None and (self.pooling != "memory" or isinstance(self.memory_slots, bool)
+                                              or not isinstance(self.memory_slots, int) or self.memory_slots <= 0):
+            raise ConfigError(f"memory_slots must be a positive integer with memory pooling, got {self.memory_slots!r} "
+                              f"with pooling={self.pooling!r}")
+        if self.pooling == "pooled_queries" and self.encoder_layers is not None and self.encoder_layers < 2:
+            raise ConfigError("pooled_queries pooling needs encoder_layers >= 2: the last layer reads the pooled queries")
         if self.encoder_layers is not None and (not isinstance(self.encoder_layers, int) or self.encoder_layers <= 0):
             raise ConfigError(f"encoder_layers must be a positive integer or None, got {self.encoder_layers!r}")
         if not isinstance(self.encoder_window, int) or self.encoder_window < self.ratio:
@@ -93,7 +115,12 @@ class LatentConfig:
     @property
     def max_memory_tokens(self) -> int:
         """Latents per encoder window (memory pooling learns one embedding per slot)."""
-        return math.ceil(self.encoder_window / self.ratio)
+        return self.memory_slots or math.ceil(self.encoder_window / self.ratio)
+
+    @property
+    def boundary_positions(self) -> int:
+        """Boundary embeddings around each passage's latents (two, or one after them)."""
+        return 2 if self.boundary_sides == "both" else 1
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

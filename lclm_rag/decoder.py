@@ -24,7 +24,7 @@ from lclm_rag.engine import DecodeEngine, GenerationSettings, HFEngine, make_eng
 from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.hub import keep_reference, resolve_model
 from lclm_rag.projector import Projector
-from lclm_rag.prompt import SENTINEL_RE, Segment, Slot, qa_message
+from lclm_rag.prompt import SENTINEL_RE, Segment, Slot, qa_message, render_prompt
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
@@ -59,15 +59,34 @@ def _hidden_size(name_or_path: str) -> int:
     return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
 
 
+def load_decoder_lm(path: str) -> nn.Module:
+    """The decoder's causal LM. Weights it does not use are skipped without a report (a Squid checkpoint's
+    shards also hold its encoder and projector, read in place); a weight it lacks is an error."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    lacking = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
+    if lacking:
+        raise ConfigError(f"the decoder at {path!r} lacks or mis-sizes the weights {lacking[:4]}"
+                          f"{' ...' if len(lacking) > 4 else ''}")
+    return model
+
+
 class LatentDecoder(nn.Module):
     def __init__(self, config: LatentConfig, model: nn.Module | None = None, tokenizer=None) -> None:
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config = config
         path = None if model is not None and tokenizer is not None else resolve_model(config.decoder)
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = load_decoder_lm(path)
             keep_reference(model, config.decoder)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
@@ -78,18 +97,21 @@ class LatentDecoder(nn.Module):
             )
         encoder_hidden = config.encoder_hidden_size or _hidden_size(config.encoder)
         self.config = config = dataclasses.replace(config, decoder_hidden_size=hidden, encoder_hidden_size=encoder_hidden)
-        self.projector = Projector(config.encoder_hidden_size, hidden, config.projector_hidden_size, config.projector_eps)
+        self.projector = Projector(config.encoder_hidden_size, hidden, config.projector_hidden_size, config.projector_eps,
+                                   config.projector_kind)
         self._scale_projector_output()
         embed = self.model.get_input_embeddings().weight.detach()
+        sides = config.boundary_positions  # both sides, or only after the latents (the end token's row)
         if config.boundary == "learned":
-            init = embed.mean(0, keepdim=True).repeat(2, 1) + 0.02 * embed.std() * torch.randn(2, hidden)
+            init = embed.mean(0, keepdim=True).repeat(sides, 1) + 0.02 * embed.std() * torch.randn(sides, hidden)
             self.boundary = nn.Parameter(init)
             self.boundary_ids = None
         else:
             self.boundary = None
-            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in config.boundary_tokens]
+            tokens = config.boundary_tokens[-sides:]
+            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens]
             unk = self.tokenizer.unk_token_id
-            missing = [t for t, i in zip(config.boundary_tokens, ids) if i is None or (i == unk and t != self.tokenizer.unk_token)]
+            missing = [t for t, i in zip(tokens, ids) if i is None or (i == unk and t != self.tokenizer.unk_token)]
             if missing:
                 raise ConfigError(f"boundary tokens {missing} are not in the decoder tokenizer of {config.decoder!r}")
             self.boundary_ids = ids
@@ -112,8 +134,8 @@ class LatentDecoder(nn.Module):
     def _scale_projector_output(self) -> None:
         """Start the projector's output at the scale of real token embeddings."""
         embed = self.model.get_input_embeddings().weight.detach()
-        fc2 = self.projector.fc2.weight
-        fc2.mul_(embed.std() / (fc2.std() * (self.projector.out_features**0.5) + 1e-12))
+        last = self.projector.layers[-1].weight
+        last.mul_(embed.std() / (last.std() * (self.projector.out_features**0.5) + 1e-12))
 
     # ------------------------------------------------------------------ prompt building
     @property
@@ -154,10 +176,7 @@ class LatentDecoder(nn.Module):
         Expanded passages (text slots) are put into the text first and tokenized with what
         surrounds them, as the decoder would tokenize the whole prompt written out.
         """
-        messages = [{"role": "user", "content": user_message}]
-        if self.config.system_message is not None:
-            messages.insert(0, {"role": "system", "content": self.config.system_message})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.render(user_message)
         out: list[Segment] = []
         pending, pos = [], 0
         for match in SENTINEL_RE.finditer(text):
@@ -175,13 +194,17 @@ class LatentDecoder(nn.Module):
                 if not torch.isfinite(slot).all():
                     raise InputError(f"passage {index} latents are not finite (NaN or inf): re-ingest the passage")
                 out.append(Segment(token_ids=self.text_ids("".join(pending))))
-                out.append(Segment(latents=slot))
+                out.append(Segment(latents=slot, boundaries=self.config.boundary_positions))
                 pending = []
             else:
                 raise InputError(f"passage {index} is {type(slot).__name__}: give latents (a tensor) or text")
         pending.append(text[pos:])
         out.append(Segment(token_ids=self.text_ids("".join(pending))))
         return [s for s in out if s.token_ids is None or s.token_ids]
+
+    def render(self, user_message: str) -> str:
+        """The prompt's text around the user turn, in this model's ``decoder_prompt`` form."""
+        return render_prompt(self.tokenizer, user_message, self.config.decoder_prompt, self.config.system_message)
 
     def as_document_text(self, text: str) -> str:
         """A passage's text with the tokenizer's special tokens (``<|im_start|>``, ``<|endoftext|>``, ...)
@@ -206,11 +229,9 @@ class LatentDecoder(nn.Module):
                 parts.append(table(torch.tensor(seg.token_ids, device=dev)))
                 continue
             projected = self.projector(seg.latents.to(dev, self.projector.fc1.weight.dtype)).to(table.weight.dtype)
-            if self.boundary is not None:
-                start, end = self.boundary[0:1], self.boundary[1:2]
-            else:
-                start, end = table(torch.tensor(self.boundary_ids, device=dev)).split(1)
-            parts.extend([start.to(projected.dtype), projected, end.to(projected.dtype)])
+            sides = self.boundary if self.boundary is not None else table(torch.tensor(self.boundary_ids, device=dev))
+            sides = sides.to(projected.dtype)
+            parts.extend([sides[:-1], projected, sides[-1:]])  # (start,) latents, end
         return torch.cat(parts)
 
     def pad_batch(self, prompts: Sequence[torch.Tensor], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +429,11 @@ class LatentDecoder(nn.Module):
             state.setdefault(key, expected[key])
         self.projector.load_state_dict(state, strict=True)
         if self.boundary is not None and saved.boundary == "learned":
+            boundary = load_safetensors(require_file(directory, DECODER_WEIGHTS))["boundary"]
+            if boundary.shape != self.boundary.shape:
+                raise ConfigError(f"{DECODER_WEIGHTS}: boundary has shape {tuple(boundary.shape)} but this decoder needs "
+                                  f"{tuple(self.boundary.shape)} (boundary_sides={self.config.boundary_sides!r})")
             with torch.no_grad():
-                self.boundary.copy_(load_safetensors(require_file(directory, DECODER_WEIGHTS))["boundary"])
+                self.boundary.copy_(boundary)
         if self.config.decoder_lora and saved.decoder_lora:
             load_adapter(self.model, directory, DECODER_LORA_DIR)

@@ -46,7 +46,8 @@ class LatentContextModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CHECKPOINT, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, engine: str = "hf", **overrides: Any) -> "LatentContextModel":
-        """Load a checkpoint: a packaged name, a local directory (ours or LCLM's layout) or a hub id.
+        """Load a checkpoint: a packaged name, a local directory (ours, LCLM's, Squid's or ARC-Encoder's
+        layout) or a hub id.
 
         ``device`` (default CPU) and ``dtype`` (default bfloat16 on CUDA, float32 otherwise) place
         the whole model. The fingerprint is taken from the weights as stored, before any cast, so
@@ -55,7 +56,7 @@ class LatentContextModel(nn.Module):
         a server or engine settings). ``overrides`` replace config fields before the weights load, e.g.
         ``ratio=8`` to start a 1:8 model from a 1:4 one (mean pooling has no ratio-shaped weights).
         """
-        directory = resolve_checkpoint(name_or_path)
+        directory = resolve_checkpoint(name_or_path, decoder=overrides.get("decoder"))
         config = load_config(directory)
         if overrides:
             config = LatentConfig.from_dict({**config.to_dict(), **overrides})

@@ -1,7 +1,10 @@
 """Projector: encoder latent width -> decoder input-embedding width.
 
-RMSNorm -> Linear -> GELU -> Linear, as LCLM's adapter (parameter names ``norm``, ``fc1``,
-``fc2`` match its ``adapter.safetensors``, so published weights load as they are).
+Three kinds, each a published one: ``mlp`` is RMSNorm -> Linear -> GELU -> Linear, as LCLM's
+adapter (parameter names ``norm``, ``fc1``, ``fc2`` match its ``adapter.safetensors``, so
+published weights load as they are) and ours; ``linear`` is one Linear with a bias (Squid's
+``context_projection``); ``factored`` is two bias-free Linears with nothing between them
+(ARC-Encoder's ``mlp`` bridge: ``layer1``, ``layer2``).
 
 Before the RMSNorm, latents are standardised per channel with statistics measured once on
 training passages (:meth:`Projector.calibrate`). Hidden states of LLaMA-style LMs carry a few
@@ -20,33 +23,53 @@ from torch import nn
 
 from lclm_rag.errors import ConfigError
 
+KINDS = ("mlp", "linear", "factored")
+
 
 class Projector(nn.Module):
-    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, eps: float = 1e-6) -> None:
+    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, eps: float = 1e-6,
+                 kind: str = "mlp") -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"projector {name} must be a positive integer, got {value!r}")
+        if kind not in KINDS:
+            raise ConfigError(f"projector kind must be one of {KINDS}, got {kind!r}")
         hidden_features = hidden_features or out_features
-        self.in_features, self.out_features = in_features, out_features
-        self.norm = nn.RMSNorm(in_features, eps=eps)
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.bias)
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.norm = nn.RMSNorm(in_features, eps=eps) if kind == "mlp" else None
+        if kind == "linear":
+            self.fc1, self.fc2 = nn.Linear(in_features, out_features), None
+        else:
+            bias = kind == "mlp"
+            self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+            self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.act = nn.GELU() if kind == "mlp" else None
+        self._zero_biases()
         self.register_buffer("latent_shift", torch.zeros(in_features))  # per-channel mean
         self.register_buffer("latent_scale", torch.ones(in_features))  # per-channel std
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """A fresh, uncalibrated projector (e.g. for a new encoder under an already trained decoder)."""
-        self.norm.reset_parameters()
-        for layer in (self.fc1, self.fc2):
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        for layer in self.layers:
             layer.reset_parameters()
-            nn.init.zeros_(layer.bias)
+        self._zero_biases()
         self.latent_shift.zero_()
         self.latent_scale.fill_(1.0)
+
+    @property
+    def layers(self) -> list[nn.Linear]:
+        """The Linear layers, first to last (the last one writes the decoder's embedding space)."""
+        return [layer for layer in (self.fc1, self.fc2) if layer is not None]
+
+    @torch.no_grad()
+    def _zero_biases(self) -> None:
+        for layer in self.layers:
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     @property
     def calibrated(self) -> bool:
@@ -67,5 +90,7 @@ class Projector(nn.Module):
                 f"latents have width {latents.shape[-1]} but the projector expects {self.in_features}: "
                 "they come from a different encoder than this model's"
             )
-        standardised = (latents - self.latent_shift) / self.latent_scale
-        return self.fc2(self.act(self.fc1(self.norm(standardised))))
+        x = (latents - self.latent_shift) / self.latent_scale
+        if self.kind == "mlp":
+            return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.fc1(x) if self.fc2 is None else self.fc2(self.fc1(x))

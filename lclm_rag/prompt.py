@@ -16,7 +16,7 @@ import torch
 
 from lclm_rag.errors import InputError
 
-BOUNDARY_POSITIONS = 2  # one boundary embedding before and one after each passage's latents
+BOUNDARY_POSITIONS = 2  # one boundary embedding before and one after each passage's latents (the default)
 RESTORE_PROMPT = "Repeat the text above word for word."
 CONTINUE_PROMPT = "Continue the text above."
 CONTENT_FREE_QUESTION = "N/A"  # asked beside the real question to calibrate its attention (arXiv 2410.02642)
@@ -37,9 +37,9 @@ def without_slot_markers(text: str) -> str:
     return text.replace("\u2063", "")
 
 
-def latent_positions(num_latents: int) -> int:
+def latent_positions(num_latents: int, boundaries: int = BOUNDARY_POSITIONS) -> int:
     """Prompt positions a passage of ``num_latents`` latents takes (latents and their boundaries)."""
-    return num_latents + BOUNDARY_POSITIONS
+    return num_latents + boundaries
 
 
 @dataclass
@@ -48,10 +48,11 @@ class Segment:
 
     token_ids: list[int] | None = None
     latents: torch.Tensor | None = None
+    boundaries: int = BOUNDARY_POSITIONS  # boundary embeddings around the latents (the decoder's config says)
 
     @property
     def positions(self) -> int:
-        return len(self.token_ids) if self.token_ids is not None else latent_positions(self.latents.shape[0])
+        return len(self.token_ids) if self.token_ids is not None else latent_positions(self.latents.shape[0], self.boundaries)
 
 
 def qa_message(instruction: str, question: str, num_slots: int, template: str = "lclm-rag",
@@ -60,8 +61,10 @@ def qa_message(instruction: str, question: str, num_slots: int, template: str = 
 
     ``template``: ``lclm-rag`` (ours: instruction, ``Context:`` with ``[i]`` per passage, then
     ``Question:``), ``lclm`` (LCLM's documented prompt: each passage between its memory boundaries,
-    then the question) or a text with ``{context}`` (the passages, one ``[i]`` line each) and
-    ``{question}`` fields. ``notes``: text put right after each passage's slot (a passage's sidecar
+    then the question), ``squid`` (Squid's published inference prompt: the passages' memory, then
+    the question), ``arc`` (ARC-Encoder's QA prompt: ``Document: `` with the passages side by side,
+    then ``Question: ...`` and ``Answer:``) or a text with ``{context}`` (the passages, one ``[i]``
+    line each) and ``{question}`` fields. ``notes``: text put right after each passage's slot (a passage's sidecar
     of exact strings, `lclm_rag.sidecar`), one per slot, empty for none.
     """
     if not isinstance(question, str) or not question.strip():
@@ -73,6 +76,10 @@ def qa_message(instruction: str, question: str, num_slots: int, template: str = 
     slots = [slot_marker(i) + (f" {note}" if note else "") for i, note in enumerate(notes)]
     if template == "lclm":
         return "".join(slots) + ("\n" if num_slots else "") + question
+    if template == "squid":
+        return "".join(slots) + question
+    if template == "arc":
+        return ("Document: " + "".join(slots) if num_slots else "") + f"\nQuestion: {question}\nAnswer:"
     if template != "lclm-rag":
         context = "\n".join(f"[{i + 1}] {slot}" for i, slot in enumerate(slots))
         return template.format(context=context, question=question)
@@ -83,6 +90,19 @@ def qa_message(instruction: str, question: str, num_slots: int, template: str = 
         parts.append("")
     parts.append(f"Question: {question}")
     return "\n".join(parts)
+
+
+def render_prompt(tokenizer, user_message: str, form: str = "chat", system_message: str | None = None) -> str:
+    """The whole prompt's text around a user turn: the decoder's chat template (with the generation
+    prompt and any system turn) for ``chat``; the turn as plain text for ``text`` (Squid); BOS and
+    then the text for ``bos-text`` (the base decoders ARC-Encoder is read by)."""
+    if form != "chat":
+        bos = tokenizer.bos_token if form == "bos-text" else None
+        return (bos or "") + (system_message + "\n\n" if system_message else "") + user_message
+    messages = [{"role": "user", "content": user_message}]
+    if system_message is not None:
+        messages.insert(0, {"role": "system", "content": system_message})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def restoration_message(note: str = "") -> str:

@@ -9,7 +9,8 @@ SOURCES = {"lclm_rag": REPO / "lclm_rag", "lclm_rag.ingest": REPO / "ingest", "l
 LAYERS = [  # (rank, module prefixes)
     (0, ["lclm_rag.errors", "lclm_rag.hub"]),
     (1, ["lclm_rag.config", "lclm_rag.projector", "lclm_rag.prompt", "lclm_rag.compressor", "lclm_rag.decoder",
-         "lclm_rag.engine", "lclm_rag.serving", "lclm_rag.model", "lclm_rag.checkpoint"]),
+         "lclm_rag.engine", "lclm_rag.serving", "lclm_rag.model", "lclm_rag.checkpoint", "lclm_rag.families",
+         "lclm_rag.query_pooling"]),
     (1, ["lclm_rag.skim"]),
     (2, ["lclm_rag.chunking", "lclm_rag.embedding", "lclm_rag.store", "lclm_rag.ingest", "lclm_rag.planning", "lclm_rag.policies",
          "lclm_rag.query_config", "lclm_rag.rag", "lclm_rag.sidecar",
