@@ -48,6 +48,7 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     auto: dict[str, Any] | None = None
     pieces: Iterator[str] | None = None
+    boundaries: int = 2  # boundary embeddings around each passage's latents (the model's config says)
 
     def mode(self, index: int) -> str:
         """``latent``, ``text`` or ``dropped``: how passage ``index`` went into the prompt."""
@@ -66,7 +67,7 @@ class Answer:
         """The plan as plain data (a LlamaIndex response's ``metadata``)."""
         meta = {
             "passages": [{"node_id": p.id, "score": p.score, "mode": self.mode(i), "latent_source": p.latent_source,
-                          "latent_positions": None if p.latents is None else latent_positions(p.latents.shape[0])}
+                          "latent_positions": None if p.latents is None else latent_positions(p.latents.shape[0], self.boundaries)}
                          for i, p in enumerate(self.passages)],
             "expanded": [self.passages[i].id for i in self.plan.order if i in self.plan.expanded],
             "prompt_positions": self.plan.prompt_positions,
@@ -215,7 +216,8 @@ class LatentRAG:
             if not decision.expanded:
                 text = decision.latent_answer
                 timings["first_token_s"] = decision.latent_first_token - started
-        answer = Answer(question, text, list(passages), plan, self.config.expand_policy, self.model.fingerprint(), timings, auto)
+        answer = Answer(question, text, list(passages), plan, self.config.expand_policy, self.model.fingerprint(), timings, auto,
+                        boundaries=self.model.config.boundary_positions)
         return _Prepared(answer, segments, started, timings)
 
 

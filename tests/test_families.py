@@ -338,6 +338,7 @@ def test_a_family_hub_id_offline_is_one_clear_error(monkeypatch, repo):
 @pytest.mark.parametrize("family", ["squid", "arc-encoder"])
 def test_ingest_and_query_run_end_to_end_on_a_family_checkpoint(tmp_path, smol_path, capsys, family, llama_cache):
     from lclm_rag.cli import main
+    from lclm_rag.rag import LatentRAG, QueryConfig
     from lclm_rag.store import LatentStore
 
     if family == "squid":
@@ -360,3 +361,6 @@ def test_ingest_and_query_run_end_to_end_on_a_family_checkpoint(tmp_path, smol_p
     model = LatentContextModel.from_pretrained(checkpoint)
     with LatentStore.open("c", path=store) as opened:
         assert opened.require(model.fingerprint()).fingerprint == model.fingerprint()
+        answer = LatentRAG(model, opened, config=QueryConfig(top_k=2, max_new_tokens=2)).answer(QUESTION)
+    passages = answer.metadata()["passages"]
+    assert [p["latent_positions"] for p in passages] == [p.latents.shape[0] + 1 for p in answer.passages]  # one end boundary
