@@ -131,6 +131,18 @@ def test_squid_checkpoint_latents_embeddings_and_greedy_tokens_match_its_code(tm
     print(f"squid: latents max |diff| {(latents - memory).abs().max():.2e}, embeddings {(ours - expected).abs().max():.2e}")
 
 
+def test_equal_position_text_is_cut_to_a_one_boundary_familys_positions(tmp_path, smol_path, passages):
+    from lclm_rag.evaluation.gold import evaluate_gold_passage
+
+    _write_tiny_squid(tmp_path / "squid", smol_path)
+    model = LatentContextModel.from_pretrained(tmp_path / "squid")
+    records = [{"context": passages[0], "question": QUESTION, "answers": ["x"]}]
+    latent, _ = evaluate_gold_passage(model, records, "latent", max_new_tokens=1)
+    lead, _ = evaluate_gold_passage(model, records, "lead", max_new_tokens=1)
+    assert latent.passage_positions == MEMORY + 1  # 32 memory embeddings and one boundary
+    assert MEMORY - 1 <= lead.passage_positions <= latent.passage_positions
+
+
 def test_squid_checkpoint_errors(tmp_path, smol_path):
     _write_tiny_squid(tmp_path / "squid", smol_path)
     raw = json.loads((tmp_path / "squid" / "config.json").read_text())

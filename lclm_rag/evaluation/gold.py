@@ -28,7 +28,7 @@ def _lead(decoder, text: str, positions: int) -> str:
 
 def _equal_position_text(model, mode: str, text: str, latents: int) -> str:
     dec = model.decoder
-    positions = latent_positions(latents)
+    positions = latent_positions(latents, model.config.boundary_positions)  # one boundary (Squid, ARC) or two
     if mode.endswith("@sidecar"):
         positions += len(dec.text_ids(" " + sidecar_text(key_terms(text, SIDECAR_TERMS))))
     if mode.startswith("lead"):
