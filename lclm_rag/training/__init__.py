@@ -12,7 +12,8 @@ tokens (encoder and decoder must share a tokenizer), and a per-stage ``ratio`` l
 at 1:1, where an aligned projector is read at once, and compress step by step (1:1 -> 1:2 -> 1:4).
 
 Modules: ``recipe`` (settings), ``examples`` (data streams), ``objectives`` (losses), ``parts``
-(what trains), ``teacher`` (distillation labels), ``loop`` (the run), ``heldout`` and ``curves``.
+(what trains), ``teacher`` (distillation labels), ``loop`` (the run), ``heldout`` and ``curves``;
+``one_shot`` and ``transfer`` carry a run to a GPU machine that reaches nothing (``scripts/gpu_one_shot.py``).
 """
 
 from lclm_rag.training.heldout import evaluate_heldout
