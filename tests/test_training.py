@@ -401,13 +401,13 @@ def test_the_heldout_answer_loss_reads_unseen_questions_as_the_qa_stage_does(tmp
     from lclm_rag.cli import main
     from lclm_rag.training.heldout import heldout_answer_loss, heldout_qa_examples
 
-    qa = tmp_path / "heldout_qa.jsonl"
-    qa.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squadshifts_nyt.jsonl", limit=40)))
+    qa = tmp_path / "squad_dev.jsonl"  # the evaluation-only file, read here for evaluation
+    qa.write_text("".join(json.dumps(r) + "\n" for r in load_jsonl(SHARED / "qa" / "squad_dev.jsonl", limit=40)))
     recipe = _config(tmp_path, tiny_models, "answers", qa_eval_file=str(qa))
     cfg = TrainConfig.load(recipe)
     model = LatentContextModel.from_config(LatentConfig(**cfg.model))
     own, control = heldout_qa_examples(cfg, model, 12)
-    records = {r["question"]: r for r in load_jsonl(qa)}
+    records = {r["question"].strip(): r for r in load_jsonl(qa)}
     for ex, swapped in zip(own, control):
         question = next(q for q in records if q in ex.user_message)
         assert records[question]["context"] in ex.passages and len(ex.passages) == 2  # gold + the stage's 1 distractor

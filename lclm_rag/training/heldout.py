@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lclm_rag.data import load_records
+from lclm_rag.data import load_jsonl
 from lclm_rag.errors import ConfigError
 from lclm_rag.evaluation.restoration import restoration_accuracy
 from lclm_rag.model import LatentContextModel
@@ -26,7 +26,7 @@ def heldout_qa_examples(cfg: TrainConfig, model: LatentContextModel, questions: 
     stage = next((s for s in reversed(cfg.stages) if s.name == "qa"), None)
     if stage is None or not cfg.qa_eval_file:
         raise ConfigError("the held-out answer loss needs a qa stage and a qa_eval_file in the recipe")
-    answerable = [r for r in load_records(cfg.qa_eval_file) if r.get("answers")]
+    answerable = [r for r in load_jsonl(cfg.qa_eval_file) if r.get("answers")]
     pool = sorted({r["context"] for r in answerable})
     rng = random.Random(f"heldout-{cfg.seed}")
     records = rng.sample(answerable, min(questions, len(answerable)))
