@@ -437,12 +437,13 @@ def test_the_unpadded_step_has_the_padded_steps_loss_and_gradients(tmp_path, tin
     _assert_unpadded_matches_padded(model, batch)
 
 
-def _assert_unpadded_matches_padded(model, batch) -> int:
+def _assert_unpadded_matches_padded(model, batch, parts=("projector", "boundary", "decoder_lora")) -> int:
     """The padded and the unpadded step's loss, accuracy and gradients agree; returns the positions the unpadded one ran."""
     from lclm_rag.training.objectives import TrainingModule
     from lclm_rag.training.parts import set_trainable
 
-    params = set_trainable(model, ["projector", "boundary", "decoder_lora"])
+    params = set_trainable(model, list(parts))
+    encoder_trainable = "encoder" in parts
     model.train()
     results, positions = [], []
     for unpadded in (False, True):
@@ -451,7 +452,7 @@ def _assert_unpadded_matches_padded(model, batch) -> int:
             lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]),
             with_kwargs=True)
         try:
-            loss, metric, value = TrainingModule(model, unpadded=unpadded, cache_latents=False)(batch, False)
+            loss, metric, value = TrainingModule(model, unpadded=unpadded, cache_latents=False)(batch, encoder_trainable)
         finally:
             handle.remove()
         loss.backward()
@@ -485,6 +486,8 @@ def test_questions_over_the_same_passages_share_their_prompt_in_the_step(tmp_pat
         lengths = [len(model.decoder.embed(model.decoder.segments(ex.user_message, ex.passages))) for ex in batch]
     alone = sum(lengths) + sum(len(model.decoder.text_ids(ex.target)) for ex in batch)  # each example on its own
     assert unpadded < alone - (lengths[0] + lengths[2]) / 2, (unpadded, alone)  # each pair's passages ran once
+    # while the encoder trains too: each distinct passage encoded once a step, its gradient from every question
+    assert _assert_unpadded_matches_padded(model, batch, ("encoder", "projector", "decoder_lora")) == unpadded
     with pytest.raises(ConfigError, match="does not divide batch_size"):
         TrainConfig.load(_config(tmp_path, tiny_models, "odd", batch_size=3,
                                  stages=[{"name": "qa", "steps": 1, "questions_per_context": 2}]))
@@ -504,8 +507,9 @@ def test_latents_are_cached_only_while_the_compressor_is_frozen(tmp_path, tiny_m
         assert a is b and not a.requires_grad
     torch.testing.assert_close(first[0], model.compressor.encode_ids(model.compressor.tokenize(passages[:1]))[0])
     model.compressor.requires_grad_(True)
-    trained = wrapper.latents(passages, encoder_trainable=True)
+    trained = wrapper.latents(passages + passages[:1], encoder_trainable=True)
     assert trained[0].requires_grad and not wrapper._latents  # a step that trains the encoder empties the cache
+    assert trained[3] is trained[0]  # a passage read twice in a step is encoded once
 
 
 def test_a_sidecar_stage_puts_each_passages_key_terms_after_its_latents(tmp_path, tiny_models):

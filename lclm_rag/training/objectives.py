@@ -154,8 +154,10 @@ class TrainingModule(nn.Module):
         compressor = self.model.compressor
         if encoder_trainable or not self.cache_latents:
             self._latents.clear()
+            distinct = list(dict.fromkeys(passages))  # a passage read by several questions is encoded once
             with torch.set_grad_enabled(encoder_trainable and torch.is_grad_enabled()):
-                return compressor.encode_ids(compressor.tokenize(passages))
+                fresh = dict(zip(distinct, compressor.encode_ids(compressor.tokenize(distinct))))
+            return [fresh[p] for p in passages]
         ratio = self.model.config.ratio
         missing = list(dict.fromkeys(p for p in passages if (ratio, p) not in self._latents))
         if missing:
