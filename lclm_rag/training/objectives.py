@@ -99,7 +99,10 @@ def _prefix_tree_logits(decoder: LatentDecoder, embedded: list[tuple[torch.Tenso
             groups: list[list[int]] = []
             for m in members:  # split by the next position
                 same = next((g for g in groups if torch.equal(embedded[g[0]][0][offset], embedded[m][0][offset])), None)
-                same.append(m) if same is not None else groups.append([m])
+                if same is None:
+                    groups.append([m])
+                else:
+                    same.append(m)
             if len(groups) == 1:  # nothing more to share before a prompt's last position
                 groups = [[m] for m in members]
             for group in groups:
