@@ -6,7 +6,7 @@ latents, as text or dropped, the prompt positions, the auto decision) identical.
 
     python scripts/query_path_answers.py --workdir runs/query-path --output runs/query-path/before.json
     python scripts/query_path_answers.py --compare runs/query-path/before.json runs/query-path/after.json \
-        --output results/query_path_identity_examples_squad_dev50_r4.json
+        --output results/query_path_identity_examples_squad_dev50_r4_1ebe1c7b.json
 
 Questions: one per example document (``examples/docs``) and the first ``--limit`` of a fixed
 squad_dev sample, retrieved from a corpus of the distinct contexts of a larger sample of the same
@@ -131,7 +131,7 @@ def compare(a: dict, b: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/query-path")
-    parser.add_argument("--limit", type=int, default=25, help="squad_dev questions asked (25 x 8 modes: what 2 busy cores allow)")
+    parser.add_argument("--limit", type=int, default=50, help="squad_dev questions asked (50 x 8 modes: ~20 minutes on 2 busy cores)")
     parser.add_argument("--corpus", type=int, default=300, help="squad_dev records whose distinct contexts are the corpus")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
