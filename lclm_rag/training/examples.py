@@ -39,6 +39,13 @@ def qa_example(model: LatentContextModel, record: dict, pool: list[str], distrac
     return Example(passages, model.decoder.qa_user_message(record["question"], len(passages), notes), record["answers"][0], task="qa")
 
 
+def stage_qa_example(model: LatentContextModel, stage: StageConfig, record: dict, contexts: list[str],
+                     rng: random.Random) -> Example:
+    """A QA stage's example of ``record``: its distractors drawn from ``contexts`` (never its own), its sidecar."""
+    pool = [c for c in rng.sample(contexts, min(len(contexts), stage.distractors + 1)) if c != record["context"]]
+    return qa_example(model, record, pool, min(stage.distractors, len(pool)), rng, stage.key_terms)
+
+
 def corpus_split(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """The recipe's seeded document split: (held-out 1%, training), the same in every run of it."""
     docs = [r for src in cfg.corpus for r in load_records(src)]
@@ -98,8 +105,7 @@ class ExampleSource:
         return self._qa(stage, self._need(self.qa, "qa_data")[rng.randrange(len(self.qa))], rng)
 
     def _qa(self, stage: StageConfig, record: dict, rng: random.Random) -> Example:
-        pool = [c for c in rng.sample(self.qa_pool, min(len(self.qa_pool), stage.distractors + 1)) if c != record["context"]]
-        return qa_example(self.model, record, pool, min(stage.distractors, len(pool)), rng, stage.key_terms)
+        return stage_qa_example(self.model, stage, record, self.qa_pool, rng)
 
     @staticmethod
     def _need(items: list, what: str) -> list:

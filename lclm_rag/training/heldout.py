@@ -13,7 +13,7 @@ from lclm_rag.data import load_jsonl
 from lclm_rag.errors import ConfigError
 from lclm_rag.evaluation.restoration import restoration_accuracy
 from lclm_rag.model import LatentContextModel
-from lclm_rag.training.examples import Example, chunk_texts, corpus_split, qa_example
+from lclm_rag.training.examples import Example, chunk_texts, corpus_split, qa_example, stage_qa_example
 from lclm_rag.training.objectives import TrainingModule
 from lclm_rag.training.recipe import TrainConfig
 
@@ -30,8 +30,7 @@ def heldout_qa_examples(cfg: TrainConfig, model: LatentContextModel, questions: 
     pool = sorted({r["context"] for r in answerable})
     rng = random.Random(f"heldout-{cfg.seed}")
     records = rng.sample(answerable, min(questions, len(answerable)))
-    own = [qa_example(model, r, [c for c in rng.sample(pool, min(len(pool), stage.distractors + 1)) if c != r["context"]],
-                      stage.distractors, rng, stage.key_terms) for r in records]
+    own = [stage_qa_example(model, stage, r, pool, rng) for r in records]
     swapped = []
     for i, r in enumerate(records):
         n = len(records)
