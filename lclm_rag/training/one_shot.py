@@ -27,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from lclm_rag.data import load_jsonl, sample_records, shared_contexts
 from lclm_rag.errors import ConfigError, ModelNotFoundError
 from lclm_rag.training.candidate import export_candidate, read_candidate
 from lclm_rag.training.recipe import TrainConfig, load_recipe
-from lclm_rag.training.transfer import MIB, TransferError, missing_calls, read_manifest, receive, write_parts
+from lclm_rag.training.transfer import (MIB, TransferError, missing_calls, read_manifest, read_pieces, receive, write_parts,
+                                        write_pieces)
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = "{stage}"  # in the packed recipe: the staging directory, filled in on arrival
@@ -282,24 +282,6 @@ def _log_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _write_candidate_tar(candidate: Path, out: Path) -> list[dict]:
-    """The candidate as ``candidate.tar`` in ``out``, cut into pieces where it is over the file limit."""
-    import hashlib
-
-    tar_path = out / "candidate.tar.partial"
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(str(candidate), arcname="candidate")
-    data, pieces = tar_path.read_bytes(), []
-    tar_path.unlink()
-    count = -(-len(data) // OUT_FILE_LIMIT)
-    for i in range(count):
-        name = "candidate.tar" if count == 1 else f"candidate.tar.{i}"
-        chunk = data[i * OUT_FILE_LIMIT:(i + 1) * OUT_FILE_LIMIT]
-        (out / name).write_bytes(chunk)
-        pieces.append({"name": name, "size": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
-    return pieces
-
-
 def _tail(path: Path, limit: int = OUT_FILE_LIMIT) -> None:
     if path.is_file() and path.stat().st_size > limit:
         with open(path, "rb") as fh:
@@ -385,7 +367,7 @@ def _write_outputs(stage: Path, out: Path, manifest: dict, stopped: str, code: i
         _rewrite_config(candidate / "model" / "config.json", back)  # named as on the machine that packed it
         state = json.loads((candidate / "state.json").read_text())
         summary.update(state=state, lost_steps=summary["logged_steps"] - state["global_step"],
-                       pieces=_write_candidate_tar(candidate, out))
+                       pieces=write_pieces(out, "candidate.tar", candidate, OUT_FILE_LIMIT))
         if (candidate / "log.jsonl").is_file():
             shutil.copy(candidate / "log.jsonl", out / "log.jsonl")
     _tail(out / "train.log")
@@ -396,29 +378,16 @@ def _write_outputs(stage: Path, out: Path, manifest: dict, stopped: str, code: i
 # ---------------------------------------------------------------------- here again: the result
 def unpack(source: str | Path, dest: str | Path) -> Path:
     """The candidate directory from what ``train_time_boxed`` wrote (``summary.json`` and its pieces), checked."""
-    import hashlib
-
     source, dest = Path(source), Path(dest)
     if not (source / "summary.json").is_file():
         raise TransferError(f"{source} holds no summary.json: give the folder the training call's files came back to")
     summary = json.loads((source / "summary.json").read_text())
     if "pieces" not in summary:
         raise TransferError(f"the run wrote no candidate ({summary.get('error', summary.get('stopped'))}): see its train.log")
-    data = b""
-    for piece in summary["pieces"]:
-        chunk = (source / piece["name"]).read_bytes() if (source / piece["name"]).is_file() else b""
-        if hashlib.sha256(chunk).hexdigest() != piece["sha256"]:
-            raise TransferError(f"{source / piece['name']} is missing or damaged (its sha256 is not the summary's)")
-        data += chunk
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    (partial / "candidate.tar").write_bytes(data)
-    with tarfile.open(partial / "candidate.tar") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(partial, filter="data")
-        else:  # pragma: no cover - Python before 3.11.4
-            tar.extractall(partial)
+    read_pieces(source, summary["pieces"], partial)
     shutil.rmtree(dest, ignore_errors=True)
     (partial / "candidate").rename(dest)
     shutil.rmtree(partial)

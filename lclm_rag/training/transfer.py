@@ -35,8 +35,8 @@ class TransferError(LclmRagError):
 class _PartWriter(io.RawIOBase):
     """A write-only stream that cuts what it is given into files of at most ``part_bytes``."""
 
-    def __init__(self, directory: Path, part_bytes: int):
-        self.directory, self.part_bytes = directory, part_bytes
+    def __init__(self, directory: Path, part_bytes: int, stem: str | None = None):
+        self.directory, self.part_bytes, self.stem = directory, part_bytes, stem
         self.parts: list[dict] = []
         self.total = hashlib.sha256()
         self._fh = None
@@ -58,7 +58,7 @@ class _PartWriter(io.RawIOBase):
         while written < len(view):
             if self._fh is None or self._size >= self.part_bytes:
                 self._finish_part()
-                name = f"part-{len(self.parts):03d}"
+                name = f"{self.stem}.{len(self.parts)}" if self.stem else f"part-{len(self.parts):03d}"
                 self.parts.append({"name": name})
                 self._fh, self._hash, self._size = open(self.directory / name, "wb"), hashlib.sha256(), 0
             piece = view[written:written + self.part_bytes - self._size]
@@ -185,18 +185,23 @@ class _Joined(io.RawIOBase):
         return 0
 
 
+def _extract(paths: list[Path], dest: Path) -> str:
+    """Extract the tar the files at ``paths`` make when joined into ``dest``; returns the joined bytes' sha256."""
+    joined = _Joined(paths)
+    with tarfile.open(fileobj=io.BufferedReader(joined, _CHUNK), mode="r|") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # pragma: no cover - Python before 3.11.4
+            tar.extractall(dest)
+    while joined.readinto(bytearray(_CHUNK)):  # the tar's zero padding after its last member
+        pass
+    return joined.digest.hexdigest()
+
+
 def _assemble(stage: Path, manifest: dict) -> None:
     files, partial = stage / "files", stage / "files.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    joined = _Joined([stage / "parts" / p["name"] for p in manifest["parts"]])
-    with tarfile.open(fileobj=io.BufferedReader(joined, _CHUNK), mode="r|") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(partial, filter="data")
-        else:  # pragma: no cover - Python before 3.11.4
-            tar.extractall(partial)
-    while joined.readinto(bytearray(_CHUNK)):  # the tar's zero padding after its last member
-        pass
-    if joined.digest.hexdigest() != manifest["bundle_sha256"]:
+    if _extract([stage / "parts" / p["name"] for p in manifest["parts"]], partial) != manifest["bundle_sha256"]:
         raise TransferError(f"the parts in {stage / 'parts'} do not make the bundle the manifest names: pack again")
     shutil.rmtree(files, ignore_errors=True)
     partial.rename(files)
@@ -234,3 +239,32 @@ def receive(carried: str | Path, stage: str | Path) -> dict:
     if not missing:
         _assemble(stage, manifest)
     return {**status, "missing_calls": missing, "complete": not missing}
+
+
+def write_pieces(directory: str | Path, name: str, source: Path, piece_bytes: int) -> list[dict]:
+    """``source`` (a file or folder) as the tar ``directory/name``, cut into ``name.0``, ``name.1``, ...
+    where it is over ``piece_bytes``; returns each piece's name, size and sha256, for ``read_pieces``."""
+    directory = Path(directory)
+    writer = _PartWriter(directory, piece_bytes, stem=name)
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, Path(source).name, Path(source))
+    writer.close()
+    if len(writer.parts) == 1:  # one piece: the plain tar
+        (directory / writer.parts[0]["name"]).rename(directory / name)
+        writer.parts[0]["name"] = name
+    return writer.parts
+
+
+def read_pieces(directory: str | Path, pieces: list[dict], dest: str | Path) -> None:
+    """Check each piece ``write_pieces`` listed, then extract their tar into ``dest``."""
+    directory = Path(directory)
+    for piece in pieces:
+        path = directory / piece["name"]
+        digest = hashlib.sha256()
+        if path.is_file():
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+        if not path.is_file() or path.stat().st_size != piece["size"] or digest.hexdigest() != piece["sha256"]:
+            raise TransferError(f"{path} is missing or damaged (its size or sha256 is not what was written)")
+    _extract([directory / piece["name"] for piece in pieces], Path(dest))
