@@ -36,8 +36,7 @@ from lclm_rag.data import load_jsonl, sample_records, shared_contexts
 from lclm_rag.errors import ConfigError, ModelNotFoundError
 from lclm_rag.training.candidate import export_candidate, read_candidate
 from lclm_rag.training.recipe import TrainConfig, load_recipe
-from lclm_rag.training.transfer import (MIB, TransferError, missing_calls, read_manifest, read_pieces, receive, write_parts,
-                                        write_pieces)
+from lclm_rag.training.transfer import MIB, TransferError, missing_calls, read_manifest, read_pieces, receive, write_parts, write_pieces
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = "{stage}"  # in the packed recipe: the staging directory, filled in on arrival
