@@ -130,7 +130,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lclm_rag.evaluation import paired_comparison
 
     results = [read_json_file(path, "an `lclm-rag eval --output` result") for path in (args.new, args.old)]
-    rows = paired_comparison(*results, mode=args.mode, old_mode=args.old_mode, data=args.data)
+    rows = paired_comparison(*results, mode=args.mode, old_mode=args.old_mode, data=args.data, by=args.by)
     print(f"{args.new} [{args.mode}] - {args.old} [{args.old_mode or args.mode}], paired over the same questions\n")
     print(_rounded_table(rows))
     return 0
@@ -235,6 +235,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="latent", help="predictions to compare (default: latent)")
     p.add_argument("--old-mode", help="predictions to read in OLD (default: --mode), e.g. text against latent")
     p.add_argument("--data", help="the data file, when the path recorded in the results does not resolve from here")
+    p.add_argument("--by", choices=["answer-position", "answer-kind"],
+                   help="break F1 and contained down by where in the passage the answer sits, or by its kind")
     p.set_defaults(func=cmd_compare)
 
 

@@ -51,6 +51,18 @@ def test_compare_prints_the_paired_table_of_two_results(tmp_path):
     assert res.returncode == 2 and "none.json: no such file" in res.stderr
 
 
+def test_cli_compare_groupings_are_the_evaluations():
+    import argparse
+
+    from lclm_rag.cli_query import add_compare_parser
+    from lclm_rag.evaluation import GROUPINGS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_compare_parser(sub)
+    by = next(a for a in sub.choices["compare"]._actions if a.dest == "by")
+    assert by.choices == list(GROUPINGS)
+
+
 def test_cli_policy_choices_are_the_planners():
     from lclm_rag.cli_query import EXPAND_POLICIES
     from lclm_rag.policies import POLICIES

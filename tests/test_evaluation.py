@@ -9,6 +9,8 @@ from lclm_rag.errors import ConfigError, InputError
 from lclm_rag.evaluation import (
     RAG_MODES,
     answer_contained,
+    answer_kind,
+    answer_position,
     evaluate_gold_passage,
     exact_match,
     f1_score,
@@ -247,6 +249,35 @@ def test_paired_comparison_scores_each_question_against_the_same_question(tmp_pa
         paired_comparison(new, old)
     with pytest.raises(InputError, match="3 predictions for 4 questions"):
         paired_comparison(new, {**old, "predictions": {"text": ["x"] * 3}}, mode="latent", old_mode="text")
+
+
+def test_a_paired_comparison_breaks_down_by_where_the_answer_sits_and_by_its_kind(tmp_path):
+    filler = "x " * 30
+    rows = [{"context": "Paris is first. " + filler * 2, "question": "q0", "answers": ["Paris"]},  # first third
+            {"context": filler + "in 1889 " + filler, "question": "q1", "answers": ["1889"]},  # middle third
+            {"context": filler * 2 + "it was red", "question": "q2", "answers": ["red"]},  # last third
+            {"context": filler, "question": "q3", "answers": ["blue", "Navy"]},  # nowhere; kind by the first answer
+            {"context": "Rome, then " + filler * 2, "question": "q4", "answers": ["rome"]}]  # case-blind; lower-case kind
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    order = sample_records(data, 5, seed=0)
+    assert [answer_position(r) for r in rows] == ["first third", "middle third", "last third", "not in passage", "first third"]
+    assert [answer_kind(r) for r in rows] == ["name", "number", "other", "other", "other"]
+    new = {"data": str(data), "n": 5, "seed": 0, "predictions": {"latent": [r["answers"][0] for r in order]}}  # all right
+    old = {"data": str(data), "n": 5, "seed": 0,  # right only where the answer is in the first third
+           "predictions": {"lead": [r["answers"][0] if answer_position(r) == "first third" else "no" for r in order]}}
+    table = {(r["answer-position"], r["metric"]): r for r in paired_comparison(new, old, "latent", "lead", by="answer-position")}
+    assert [k for k in table] == [(g, m) for g in ("first third", "middle third", "last third", "not in passage")
+                                  for m in ("answer_contained", "f1")]
+    assert table["first third", "f1"]["n"] == 2 and table["first third", "f1"]["difference"] == 0.0
+    assert table["middle third", "f1"]["n"] == 1 and table["middle third", "f1"]["difference"] == 1.0
+    assert table["not in passage", "answer_contained"]["old"] == 0.0
+    kinds = {(r["answer-kind"], r["metric"]): r["n"] for r in paired_comparison(new, old, "latent", "lead", by="answer-kind")}
+    assert list(kinds)[::2] == [("number", "answer_contained"), ("name", "answer_contained"), ("other", "answer_contained")]
+    assert kinds == {("name", "answer_contained"): 1, ("name", "f1"): 1, ("number", "answer_contained"): 1,
+                     ("number", "f1"): 1, ("other", "answer_contained"): 3, ("other", "f1"): 3}
+    with pytest.raises(InputError, match="unknown grouping 'length'; choose from answer-position, answer-kind"):
+        paired_comparison(new, old, "latent", "lead", by="length")
 
 
 def test_expansion_recall_counts_the_gold_passage_per_policy(tmp_path, model):
