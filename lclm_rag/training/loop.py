@@ -27,7 +27,7 @@ from lclm_rag.training.examples import ExampleSource
 from lclm_rag.training.objectives import TrainingModule, check_shared_tokenizer
 from lclm_rag.training.parts import param_groups, set_ratio, set_trainable
 from lclm_rag.training.recipe import ENCODER_PARTS, TrainConfig
-from lclm_rag.training.teacher import TeacherAnswers
+from lclm_rag.training.teacher import TeacherAnswers, TextReaderLogProbs
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
     steps_this_call = 0
     world, rank = accelerator.num_processes, accelerator.process_index
     teacher: TeacherAnswers | None = None
+    reader: TextReaderLogProbs | None = None
 
     for stage_index in range(state["stage"], len(cfg.stages)):
         stage = cfg.stages[stage_index]
@@ -159,6 +160,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
         encoder_trainable = bool(ENCODER_PARTS & set(stage.train))
         if stage.answers == "teacher" and teacher is None:
             teacher = TeacherAnswers(cfg, model, out, rank, accelerator.device)
+        if stage.text_kl and reader is None:
+            reader = TextReaderLogProbs(cfg, model, accelerator.device)
         model.train()
         t0 = time.perf_counter()
         while state["step"] < stage.steps:
@@ -169,7 +172,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
             examples = [source.example(stage_index, stage, base + i) for i in range(cfg.batch_size)]
             if stage.answers == "teacher":
                 examples = teacher.relabel(examples)
-            loss, metric, value = ddp_model(examples, encoder_trainable, stage.name == "alignment")
+            reference = reader(examples) if stage.text_kl else None
+            loss, metric, value = ddp_model(examples, encoder_trainable, stage.name == "alignment", reference, stage.text_kl)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -16,11 +16,13 @@ from lclm_rag.training.examples import Example
 
 
 def teacher_forced_batch(model: LatentContextModel, examples: list[Example], latents: list[torch.Tensor],
-                         per_token: bool = False, unpadded: bool = False):
+                         per_token: bool = False, unpadded: bool = False,
+                         reference: Sequence[torch.Tensor | None] | None = None, kl_weight: float = 0.0):
     """Loss (mean over examples of the per-token loss on the target), correct and total target tokens.
 
     ``latents`` holds the examples' passages in order, ``len(ex.passages)`` per example.
-    ``unpadded``: the same numbers from ``unpadded_teacher_forced`` (less work per step).
+    ``unpadded``: the same numbers from ``unpadded_teacher_forced`` (less work per step), which
+    also adds the KL to a text reader's ``reference`` (a stage's ``text_kl``).
     """
     slots, cursor = [], 0
     for ex in examples:
@@ -28,10 +30,12 @@ def teacher_forced_batch(model: LatentContextModel, examples: list[Example], lat
         cursor += len(ex.passages)
     targets = [ex.target for ex in examples]
     messages = [ex.user_message for ex in examples]
+    if kl_weight and (not unpadded or per_token):
+        raise ConfigError("the KL to a text reader is computed by the unpadded step only")
     if not unpadded or per_token:
         return model.teacher_forced(messages, slots, targets, per_token)
     dec = model.decoder
-    return unpadded_teacher_forced(dec, [dec.segments(m, s) for m, s in zip(messages, slots)], targets)
+    return unpadded_teacher_forced(dec, [dec.segments(m, s) for m, s in zip(messages, slots)], targets, reference, kl_weight)
 
 
 def shared_prefix_length(embedded: Sequence[torch.Tensor], start: int = 0, limit: int | None = None) -> int:
@@ -47,7 +51,8 @@ def shared_prefix_length(embedded: Sequence[torch.Tensor], start: int = 0, limit
     return start + length
 
 
-def unpadded_teacher_forced(decoder: LatentDecoder, prompts: Sequence[Sequence[Segment]], targets: Sequence[str]):
+def unpadded_teacher_forced(decoder: LatentDecoder, prompts: Sequence[Sequence[Segment]], targets: Sequence[str],
+                            reference: Sequence[torch.Tensor | None] | None = None, kl_weight: float = 0.0):
     """``LatentDecoder.teacher_forced``'s loss, hits and count, without padding and without running a
     position twice that several prompts share.
 
@@ -58,7 +63,44 @@ def unpadded_teacher_forced(decoder: LatentDecoder, prompts: Sequence[Sequence[S
     goes through the decoder once, with gradients, and each example continues on a copy of its KV
     cache, so every example attends to exactly what it would in the padded batch and the gradient
     reaches the shared positions from every example that reads them.
+
+    ``reference``: per example, a text reader's log-probabilities on each target position
+    (``target_log_probs``; None: none for that example); its loss then adds ``kl_weight`` times
+    KL(reference || this decoder), averaged over the target's positions.
     """
+    embedded, target_ids = _embedded_with_targets(decoder, prompts, targets)
+    losses, hits, count = [], 0, 0
+    for i, logits in _prefix_tree_logits(decoder, embedded, [len(t) for t in target_ids]):
+        tgt = target_ids[i]
+        loss = nn.functional.cross_entropy(logits, tgt)
+        if kl_weight and reference is not None and reference[i] is not None:
+            loss = loss + kl_weight * kl_to_reference(logits, reference[i])
+        losses.append(loss)
+        hits += int((logits.argmax(-1) == tgt).sum())
+        count += len(tgt)
+    return torch.stack(losses).mean(), hits, count
+
+
+@torch.no_grad()
+def target_log_probs(decoder: LatentDecoder, prompts: Sequence[Sequence[Segment]], targets: Sequence[str]) -> list[torch.Tensor]:
+    """Per example, the log-probabilities the decoder puts on each position of its target (and EOS), teacher-forced."""
+    embedded, target_ids = _embedded_with_targets(decoder, prompts, targets)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for i, logits in _prefix_tree_logits(decoder, embedded, [len(t) for t in target_ids]):
+        out[i] = nn.functional.log_softmax(logits, -1)
+    return out
+
+
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(reference || softmax(logits)); ``reference`` holds log-probabilities."""
+    if reference.shape != logits.shape:
+        raise ConfigError(f"the text reader's log-probabilities have shape {tuple(reference.shape)}, the answer's logits "
+                          f"{tuple(logits.shape)}: reader and model must share a tokenizer")
+    return nn.functional.kl_div(nn.functional.log_softmax(logits, -1), reference, log_target=True, reduction="batchmean")
+
+
+def _embedded_with_targets(decoder: LatentDecoder, prompts: Sequence[Sequence[Segment]], targets: Sequence[str]):
+    """Each prompt embedded with its target's tokens after it (the last, EOS, never read), and the target ids."""
     eos = decoder.tokenizer.eos_token_id
     table = decoder.model.get_input_embeddings()
     dev = decoder.device
@@ -66,15 +108,9 @@ def unpadded_teacher_forced(decoder: LatentDecoder, prompts: Sequence[Sequence[S
     for segments, target in zip(prompts, targets, strict=True):
         prompt = decoder.embed(segments)
         tgt = torch.tensor(decoder.text_ids(target) + [eos], device=dev)
-        embedded.append((torch.cat([prompt, table(tgt[:-1]).to(prompt.dtype)]), len(prompt)))  # EOS is never read
+        embedded.append((torch.cat([prompt, table(tgt[:-1]).to(prompt.dtype)]), len(prompt)))
         target_ids.append(tgt)
-    losses, hits, count = [], 0, 0
-    for i, logits in _prefix_tree_logits(decoder, embedded, [len(t) for t in target_ids]):
-        tgt = target_ids[i]
-        losses.append(nn.functional.cross_entropy(logits, tgt))
-        hits += int((logits.argmax(-1) == tgt).sum())
-        count += len(tgt)
-    return torch.stack(losses).mean(), hits, count
+    return embedded, target_ids
 
 
 def _prefix_tree_logits(decoder: LatentDecoder, embedded: list[tuple[torch.Tensor, int]], kept: list[int]):
@@ -171,7 +207,8 @@ class TrainingModule(nn.Module):
             self._latents.update({(ratio, p): z for p, z in zip(missing, fresh)})
         return [self._latents[(ratio, p)] for p in passages]
 
-    def forward(self, examples: list[Example], encoder_trainable: bool, alignment: bool = False):
+    def forward(self, examples: list[Example], encoder_trainable: bool, alignment: bool = False,
+                reference: Sequence[torch.Tensor | None] | None = None, kl_weight: float = 0.0):
         compressor = self.model.compressor
         passages = [p for ex in examples for p in ex.passages]
         if alignment:
@@ -184,5 +221,6 @@ class TrainingModule(nn.Module):
             cosine = nn.functional.cosine_similarity(predicted.detach(), target).mean().item()
             return nn.functional.mse_loss(predicted, target), "cosine", cosine
         latents = self.latents(passages, encoder_trainable)
-        loss, correct, total = teacher_forced_batch(self.model, examples, latents, unpadded=self.unpadded)
+        loss, correct, total = teacher_forced_batch(self.model, examples, latents, unpadded=self.unpadded,
+                                                    reference=reference, kl_weight=kl_weight)
         return loss, "token_acc", correct / max(total, 1)

@@ -34,6 +34,9 @@ class StageConfig:
     questions_per_context: int = 1  # qa: consecutive examples asking this many different questions over the
     #                     same passages (same distractors, same order); the unpadded step runs their shared
     #                     prompt once. Divides batch_size; 1: every example draws its own passages
+    text_kl: float = 0.0  # qa: weight of KL(text reader || this model) on each answer token, added to the
+    #                     cross-entropy: the text reader (TrainConfig.teacher) reads the same prompt with the
+    #                     passages as text, so every target position teaches its whole distribution; 0: off
 
     def __post_init__(self) -> None:
         if self.name not in STAGES:
@@ -53,6 +56,10 @@ class StageConfig:
         if isinstance(self.questions_per_context, bool) or not isinstance(self.questions_per_context, int) \
                 or self.questions_per_context < 1:
             raise ConfigError(f"stage {self.name}: questions_per_context must be a count >= 1, got {self.questions_per_context!r}")
+        if isinstance(self.text_kl, bool) or not isinstance(self.text_kl, (int, float)) or not 0 <= self.text_kl < float("inf"):
+            raise ConfigError(f"stage {self.name}: text_kl must be a finite weight >= 0, got {self.text_kl!r}")
+        if self.text_kl and self.name != "qa":
+            raise ConfigError(f"text_kl distils a text reader's answers: it applies to a qa stage, not {self.name}")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio <= 0):
             raise ConfigError(f"stage {self.name}: ratio must be a positive integer, got {self.ratio!r}")
         stray = set(self.part_lr) - set(self.train)
@@ -81,7 +88,8 @@ class TrainConfig:
     eval_passages: int = 32  # held-out passages for restoration accuracy
     qa_eval_file: str | None = None  # squad_dev.jsonl: evaluation only, never trained on
     qa_eval_samples: int = 50
-    teacher: str = "base"  # answers="teacher": "base" = this decoder without its adapters, or a checkpoint name/path
+    teacher: str = "base"  # answers="teacher" and text_kl: "base" = this decoder without its adapters, or a checkpoint
+    #                        name/path (its decoder, adapters on, reads the passages as text)
     teacher_max_new_tokens: int = 32  # length budget of the teacher's answers
     seed: int = 0  # fixes the held-out document split, the eval sample and the example streams
     data_seed: int | None = None  # draw the example streams from this seed instead (keeps `seed`'s split):
@@ -107,6 +115,8 @@ class TrainConfig:
             if batch % stage.questions_per_context:
                 raise ConfigError(f"stage {stage.name}: questions_per_context {stage.questions_per_context} does not divide "
                                   f"batch_size {batch} (a step would split a context's questions)")
+            if stage.text_kl and not d.get("unpadded", cls.unpadded):
+                raise ConfigError(f"stage {stage.name}: text_kl needs the unpadded step (unpadded: true)")
         for key in ("corpus", "qa_data"):  # JSONL paths stay strings; dataset specs become DatasetSpec
             d[key] = [parse_source(s) for s in d.get(key, [])]
         return cls(**d)

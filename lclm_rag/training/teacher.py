@@ -1,4 +1,5 @@
-"""Teacher answers for distillation (PISCO): a full-text reader's greedy answers as QA targets."""
+"""Distillation from a reader of the passages as text: its greedy answers as QA targets (PISCO), or
+its distribution on each answer token as a KL target (a stage's ``text_kl``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import torch
 
 from lclm_rag.model import LatentContextModel
 from lclm_rag.training.examples import Example
+from lclm_rag.training.objectives import target_log_probs
 from lclm_rag.training.recipe import TrainConfig
+
+
+def text_reader(cfg: TrainConfig, student: LatentContextModel, device) -> tuple[LatentContextModel, object]:
+    """The model that reads the passages as text and the context it reads in: ``teacher: "base"`` is
+    the student's own decoder with its adapters off; a checkpoint is loaded once, adapters on."""
+    if cfg.teacher == "base":
+        return student, student.decoder.base
+    return LatentContextModel.from_pretrained(cfg.teacher).to(device).eval(), contextlib.nullcontext
 
 
 class TeacherAnswers:
@@ -25,10 +35,7 @@ class TeacherAnswers:
     """
 
     def __init__(self, cfg: TrainConfig, student: LatentContextModel, out: Path, rank: int, device) -> None:
-        if cfg.teacher == "base":
-            self.model, self.context = student, student.decoder.base
-        else:
-            self.model, self.context = LatentContextModel.from_pretrained(cfg.teacher).to(device).eval(), contextlib.nullcontext
+        self.model, self.context = text_reader(cfg, student, device)
         self.max_new_tokens = cfg.teacher_max_new_tokens
         self.path = out / f"teacher_answers.{rank}.jsonl"
         self.answers: dict[str, str] = {}
@@ -59,3 +66,29 @@ class TeacherAnswers:
                     self.answers[key] = text
                     fh.write(json.dumps({"key": key, "answer": text}) + "\n")
         return [dataclasses.replace(ex, target=self.answers[self.key(ex)]) if ex.task == "qa" else ex for ex in examples]
+
+
+class TextReaderLogProbs:
+    """What the text reader puts on each token of a QA example's target, read over the same prompt with
+    the passages as text: the KL target that teaches a whole distribution per answer token, where
+    the gold answer teaches one token. Computed each step (the targets differ every step)."""
+
+    def __init__(self, cfg: TrainConfig, student: LatentContextModel, device) -> None:
+        self.model, self.context = text_reader(cfg, student, device)
+
+    @torch.no_grad()
+    def __call__(self, examples: list[Example]) -> list[torch.Tensor | None]:
+        """Per example its reference log-probabilities (None for other tasks than qa)."""
+        qa = [i for i, ex in enumerate(examples) if ex.task == "qa"]
+        out: list[torch.Tensor | None] = [None] * len(examples)
+        if not qa:
+            return out
+        decoder = self.model.decoder
+        was_training = decoder.training
+        decoder.eval()
+        with self.context():
+            prompts = [decoder.segments(examples[i].user_message, examples[i].passages) for i in qa]
+            for i, log_probs in zip(qa, target_log_probs(decoder, prompts, [examples[i].target for i in qa]), strict=True):
+                out[i] = log_probs
+        decoder.train(was_training)
+        return out
