@@ -196,7 +196,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", action="append", help="repeat for each ratio (default: the packaged default)")
     p.add_argument("--modes", help="comma-separated; RAG: none, text, text-adapted, latent, expand, text-first, auto, llmlingua, gold-text, "
                    "gold-latent (default all); --gold: none, text, text-base, latent, latent-control, key-terms, lead, "
-                   "latent+key-terms[-control], key-terms@sidecar, lead@sidecar")
+                   "latent+key-terms[-control], latent+lead[-control], key-terms@sidecar, lead@sidecar")
     p.add_argument("--gold", action="store_true", help="reading only: each question with its gold passage, batched")
     p.add_argument("--latent-dtype", choices=["float16", "uint8"],
                    help="--gold: latents as a collection of this type gives them back (default: as the encoder made them)")

@@ -311,3 +311,6 @@ def test_equal_position_text_forms_take_no_more_positions_than_the_latents(model
         wide, _ = evaluate_gold_passage(model, records, mode, max_new_tokens=2)
         assert latent.passage_positions < wide.passage_positions <= sidecar.passage_positions
     assert control.n == 3
+    opening, _ = evaluate_gold_passage(model, records, "latent+lead", max_new_tokens=2)  # the opening in the sidecar's place
+    assert abs(opening.passage_positions - sidecar.passage_positions) <= 1
+    assert evaluate_gold_passage(model, records + RECORDS, "latent+lead-control", max_new_tokens=2)[0].n == 3

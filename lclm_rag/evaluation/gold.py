@@ -15,10 +15,11 @@ from lclm_rag.sidecar import fit_key_terms, key_terms, sidecar_text
 from lclm_rag.store.quantize import as_stored
 
 GOLD_MODES = ("none", "text", "text-base", "latent", "latent-control", "key-terms", "lead", "latent+key-terms",
-              "latent+key-terms-control", "key-terms@sidecar", "lead@sidecar")
+              "latent+key-terms-control", "latent+lead", "latent+lead-control", "key-terms@sidecar", "lead@sidecar")
 # text cut to the positions the passage's latents take (or, @sidecar, its latents and their sidecar)
 EQUAL_POSITION_MODES = ("key-terms", "lead", "key-terms@sidecar", "lead@sidecar")
 SIDECAR_TERMS = 12  # key terms after the latents in the latent+key-terms modes
+LEAD_PREFIX = "Opening: "  # the latent+lead modes' note: the passage's first tokens after its latents
 
 
 def _lead(decoder, text: str, positions: int) -> str:
@@ -26,11 +27,21 @@ def _lead(decoder, text: str, positions: int) -> str:
     return decoder.tokenizer.decode(decoder.text_ids(text)[:positions])
 
 
+def _sidecar_positions(dec, text: str) -> int:
+    return len(dec.text_ids(" " + sidecar_text(key_terms(text, SIDECAR_TERMS))))
+
+
+def _lead_note(dec, text: str) -> str:
+    """The passage's opening as the note after its latents, as many positions as its key-term sidecar
+    would take: the latents then hold what the text leaves out, at the same cost as the sidecar."""
+    return LEAD_PREFIX + _lead(dec, text, max(1, _sidecar_positions(dec, text) - len(dec.text_ids(" " + LEAD_PREFIX))))
+
+
 def _equal_position_text(model, mode: str, text: str, latents: int) -> str:
     dec = model.decoder
     positions = latent_positions(latents, model.config.boundary_positions)  # one boundary (Squid, ARC) or two
     if mode.endswith("@sidecar"):
-        positions += len(dec.text_ids(" " + sidecar_text(key_terms(text, SIDECAR_TERMS))))
+        positions += _sidecar_positions(dec, text)
     if mode.startswith("lead"):
         return _lead(dec, text, positions)
     return fit_key_terms(text, positions, lambda t: len(dec.text_ids(t))) or _lead(dec, text, positions)
@@ -50,6 +61,8 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
     cuts them to the positions of the latents with their sidecar instead.
     ``latent+key-terms``: the latents with their sidecar of key terms after them;
     ``latent+key-terms-control``: another passage's latents with this passage's key terms.
+    ``latent+lead`` (``-control``): the same with the passage's opening text as the note, cut to the
+    positions its key terms would take (so ``lead@sidecar`` is its bar too).
     Returns the scores (with the passage's mean prompt positions) and the predictions.
     """
     if mode not in GOLD_MODES:
@@ -80,6 +93,8 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
                     contexts = [[lat] for lat in latents]
                     if "key-terms" in mode:
                         notes = [[sidecar_text(key_terms(r["context"], SIDECAR_TERMS))] for r in batch]
+                    elif "lead" in mode:
+                        notes = [[_lead_note(model.decoder, r["context"])] for r in batch]
             prompts = [model.decoder.segments(model.decoder.qa_user_message(q, len(c), n), c)
                        for q, c, n in zip(questions, contexts, notes or [None] * len(batch))]
             positions.extend(_passage_positions(model, prompts, q) for prompts, q in zip(prompts, questions))
