@@ -32,6 +32,7 @@ from lclm_rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chec
 from lclm_rag.compressor import LatentCompressor
 from lclm_rag.embedding import Embedder
 from lclm_rag.errors import ConfigError, InputError
+from lclm_rag.sidecar import key_terms
 from lclm_rag.store import CollectionSpec, LatentStore, StoredPassage, content_hash, id_for_node, point_id
 from lclm_rag.store.base import USER_FIELDS, with_user_fields
 
@@ -248,6 +249,7 @@ class Ingestor:
         """Chunk every document and compare with the collection: the passages to write (text and
         payload, no vectors yet) and, per document, the stored chunks its new version replaces."""
         tok = self.compressor.tokenizer
+        sidecar = self.compressor.config.sidecar_terms
         plan = IngestPlan()
         seen: set[str] = set()
         for doc in docs:
@@ -264,10 +266,11 @@ class Ingestor:
             for c in chunks:
                 digest = content_hash(c.text)
                 pid = id_for_node(doc.node_id) if doc.node_id is not None else point_id(doc.doc_id, c.index, digest)
-                payload, moved = with_user_fields({
-                    "doc_id": doc.doc_id, "source": doc.source, "chunk_index": c.index, "start_char": c.start_char,
-                    "end_char": c.end_char, "num_tokens": c.num_tokens, "content_hash": digest,
-                }, doc.metadata)
+                system = {"doc_id": doc.doc_id, "source": doc.source, "chunk_index": c.index, "start_char": c.start_char,
+                          "end_char": c.end_char, "num_tokens": c.num_tokens, "content_hash": digest}
+                if sidecar:  # the exact strings the decoder reads after the passage's latents
+                    system["key_terms"] = key_terms(c.text, sidecar)
+                payload, moved = with_user_fields(system, doc.metadata)
                 if moved:
                     report.renamed.setdefault(doc.source, set()).update(moved)
                     renamed = True

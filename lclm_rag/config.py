@@ -72,6 +72,9 @@ class LatentConfig:
     system_message: str | None = None  # a system turn before the user turn (None: the chat template's default)
     decoder_prompt: str = "chat"  # "chat": the user turn inside the decoder's chat template; "text": the
     #                               user turn as plain text (Squid); "bos-text": BOS, then the text (ARC)
+    sidecar_terms: int = 0  # the passage's first n key terms (names, dates, numbers: lclm_rag.sidecar) as text
+    #                         after each passage read as latents, as the decoder was trained to read them
+    #                         (a stage's key_terms); stored at ingestion, counted in the plan; 0: none
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -99,6 +102,8 @@ class LatentConfig:
                               f"with pooling={self.pooling!r}")
         if self.pooling == "pooled_queries" and self.encoder_layers is not None and self.encoder_layers < 2:
             raise ConfigError("pooled_queries pooling needs encoder_layers >= 2: the last layer reads the pooled queries")
+        if isinstance(self.sidecar_terms, bool) or not isinstance(self.sidecar_terms, int) or self.sidecar_terms < 0:
+            raise ConfigError(f"sidecar_terms must be a count >= 0, got {self.sidecar_terms!r}")
         if self.encoder_layers is not None and (not isinstance(self.encoder_layers, int) or self.encoder_layers <= 0):
             raise ConfigError(f"encoder_layers must be a positive integer or None, got {self.encoder_layers!r}")
         if not isinstance(self.encoder_window, int) or self.encoder_window < self.ratio:

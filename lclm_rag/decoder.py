@@ -216,8 +216,8 @@ class LatentDecoder(nn.Module):
                 text = text.replace(token, token[0] + "\u200b" + token[1:])
         return text
 
-    def qa_segments(self, question: str, slots: Sequence[Slot]) -> list[Segment]:
-        return self.segments(self.qa_user_message(question, len(slots)), slots)
+    def qa_segments(self, question: str, slots: Sequence[Slot], notes: Sequence[str] | None = None) -> list[Segment]:
+        return self.segments(self.qa_user_message(question, len(slots), notes), slots)
 
     def embed(self, segments: Sequence[Segment]) -> torch.Tensor:
         """(positions, hidden) input embeddings of one prompt."""

@@ -20,6 +20,7 @@ from lclm_rag.engine import PrefillCost
 from lclm_rag.errors import InputError
 from lclm_rag.model import LatentContextModel
 from lclm_rag.policies import rank_for_expansion
+from lclm_rag.sidecar import passage_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
 
     def positions(expanded: set[int], dropped: set[int]) -> int:
         """The prompt's positions, counted on the prompt itself: tokenizing it takes ~2 ms, decoding it seconds."""
-        slots = [p.text if i in expanded else p.latents for i, p in enumerate(passages) if i not in dropped]
-        return model.prompt_positions(model.decoder.qa_segments(question, slots))
+        kept = [i for i in range(len(passages)) if i not in dropped]
+        slots = [passages[i].text if i in expanded else passages[i].latents for i in kept]
+        return model.prompt_positions(model.decoder.qa_segments(question, slots, sidecar_notes(model, passages, kept, expanded)))
 
     must_expand = {i for i, p in enumerate(passages) if p.latents is None}
     ranking = rank_for_expansion(question, passages, policy, model) if expand or text_only or token_budget is not None else None
@@ -163,10 +165,20 @@ def plan_prompt(model: LatentContextModel, question: str, passages: Sequence[Pas
     return plan
 
 
+def sidecar_notes(model: LatentContextModel, passages: Sequence[Passage], order: Sequence[int],
+                  expanded: set[int]) -> list[str] | None:
+    """The text after each passage of the prompt: a latent passage's key terms where the model reads a
+    sidecar (``sidecar_terms``), nothing after an expanded one; None where the model reads none."""
+    count = model.config.sidecar_terms
+    if not count:
+        return None
+    return ["" if i in expanded else passage_sidecar(passages[i].text, passages[i].payload, count) for i in order]
+
+
 def build_segments(model: LatentContextModel, question: str, passages: Sequence[Passage], plan: Plan):
     """The prompt of a plan (its positions recorded on the plan)."""
     slots = [passages[i].text if i in plan.expanded else passages[i].latents for i in plan.order]
-    segments = model.decoder.qa_segments(question, slots)
+    segments = model.decoder.qa_segments(question, slots, sidecar_notes(model, passages, plan.order, plan.expanded))
     plan.prompt_positions = model.prompt_positions(segments)
     return segments
 

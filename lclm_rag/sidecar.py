@@ -53,6 +53,14 @@ def sidecar_text(terms: list[str]) -> str:
     return SIDECAR_PREFIX + SEPARATOR.join(terms) if terms else ""
 
 
+def passage_sidecar(text: str, payload: dict | None, count: int) -> str:
+    """A passage's sidecar of ``count`` terms: those ingestion stored in its payload (``key_terms``),
+    else its own text's (a collection written before the model read a sidecar)."""
+    stored = (payload or {}).get("key_terms")
+    terms = stored if isinstance(stored, list) and all(isinstance(t, str) for t in stored) else key_terms(text, count)
+    return sidecar_text(terms[:count])
+
+
 def fit_key_terms(text: str, positions: int, count: Callable[[str], int]) -> str:
     """The longest ``Key terms: ...`` text of ``text``'s terms (in order) that ``count`` says fits ``positions``."""
     terms = key_terms(text, limit=None)

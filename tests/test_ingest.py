@@ -65,6 +65,22 @@ def test_ingest_is_idempotent_and_tracks_changes(kind, tmp_path, docs, make_comp
     store.close()
 
 
+def test_a_sidecar_model_stores_each_passages_key_terms(tmp_path, docs, make_compressor, embedder, monkeypatch):
+    from lclm_rag.sidecar import key_terms
+
+    monkeypatch.chdir(tmp_path)
+    store = open_test_store("edge", tmp_path)
+    Ingestor(store, make_compressor(ratio=4, sidecar_terms=3), embedder, chunk_tokens=64, overlap=8).ingest_paths([docs], progress=False)
+    stored = _stored(store).values()
+    assert stored and all(p.payload["key_terms"] == key_terms(p.text, 3) for p in stored)
+    assert any(p.payload["key_terms"] for p in stored)
+    store.close()
+    plain = open_test_store("edge", tmp_path / "plain")
+    Ingestor(plain, make_compressor(ratio=4), embedder, chunk_tokens=64, overlap=8).ingest_paths([docs], progress=False)
+    assert all("key_terms" not in p.payload for p in _stored(plain).values())  # a model that reads no sidecar: none stored
+    plain.close()
+
+
 def test_bad_files_are_reported_and_stored_data_is_untouched(tmp_path, docs, make_compressor, embedder, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = open_test_store("edge", tmp_path)

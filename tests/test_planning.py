@@ -100,6 +100,30 @@ def test_the_text_first_plan_reads_the_best_passages_as_text_and_no_latents(mode
         QueryConfig(expand="texts")
 
 
+def test_a_sidecar_model_reads_each_latent_passages_key_terms_and_the_plan_counts_them(model, passages):
+    from lclm_rag.sidecar import key_terms, sidecar_text
+
+    ps = _passages(model, passages, [0.9, 0.2, 0.5, 0.1])
+    ps[1].payload = {"key_terms": ["Stored Term", "1889", "Third"]}  # as ingestion stored them
+    question = "Who designed the tower?"
+    plain = plan_prompt(model, question, ps, expand=1)
+    plain_positions = model.prompt_positions(build_segments(model, question, ps, plain))
+    try:
+        model.config.sidecar_terms = 2
+        plan = plan_prompt(model, question, ps, expand=1)
+        segs = build_segments(model, question, ps, plan)
+        prompt = "".join(model.decoder.tokenizer.decode(s.token_ids) for s in segs if s.token_ids is not None)
+        assert plan.expanded == {0} and f"[1] {passages[0]}" in prompt and "Key terms" not in prompt.split("[2]")[0]
+        assert "Key terms: Stored Term; 1889\n" in prompt  # the stored terms, cut to the model's count
+        assert sidecar_text(key_terms(passages[2], 2)) in prompt  # no stored terms: its own text's
+        assert plan.prompt_positions > plain_positions
+        budget = plain.prompt_positions  # the latents alone would fit; with their sidecars they do not
+        fitted = plan_prompt(model, question, ps, expand=1, token_budget=budget)
+        assert fitted.dropped and model.prompt_positions(build_segments(model, question, ps, fitted)) <= budget
+    finally:
+        model.config.sidecar_terms = 0
+
+
 def test_latency_budget_is_a_position_budget_at_the_measured_prefill_cost(model, passages):
     cost = prefill_cost(model)
     assert cost.per_position_s > 0 and cost.fixed_s >= 0 and prefill_cost(model) is cost  # measured once per engine

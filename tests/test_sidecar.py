@@ -29,3 +29,13 @@ def test_the_sidecar_follows_its_passage_in_every_prompt_form():
     assert qa_message("Answer.", "Who?", 1, "lclm", notes=["Key terms: A"]).startswith(f"{slot_marker(0)} Key terms: A\n")
     assert restoration_message("Key terms: A").startswith(f"{slot_marker(0)} Key terms: A\n\n")
     assert qa_message("Answer.", "Who?", 1) == qa_message("Answer.", "Who?", 1, notes=[""])
+
+
+def test_a_passages_sidecar_is_its_stored_terms_else_its_own_texts():
+    from lclm_rag.sidecar import passage_sidecar
+
+    text = "Gustave Eiffel built it in 1889 in Paris."
+    assert passage_sidecar(text, {"key_terms": ["A", "B", "C"]}, 2) == "Key terms: A; B"
+    assert passage_sidecar(text, None, 2) == "Key terms: Gustave Eiffel; 1889"
+    assert passage_sidecar(text, {"key_terms": "not a list"}, 2) == "Key terms: Gustave Eiffel; 1889"  # a damaged field
+    assert passage_sidecar("no names here", {}, 3) == ""

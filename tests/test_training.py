@@ -522,6 +522,11 @@ def test_a_sidecar_stage_puts_each_passages_key_terms_after_its_latents(tmp_path
         assert terms and f"{i + 1}] \u2063SLOT{i}\u2063 Key terms: {'; '.join(terms)}\n" in ex.user_message
     with pytest.raises(ConfigError, match="key_terms"):
         TrainConfig.from_dict({"output_dir": "x", "stages": [{"name": "qa", "steps": 1, "key_terms": -1}]})
+    cfg.stages[1] = dataclasses.replace(cfg.stages[1], steps=1)
+    cfg.stages[0] = dataclasses.replace(cfg.stages[0], steps=1)
+    assert LatentConfig.load(train(cfg)).sidecar_terms == 4  # the checkpoint reads the sidecar it was trained with
+    with pytest.raises(ConfigError, match="sidecar_terms must be a count >= 0"):
+        LatentConfig(sidecar_terms=-1)
 
 
 def test_the_training_benchmark_times_the_three_steps(tmp_path, tiny_models):

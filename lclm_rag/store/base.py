@@ -25,7 +25,7 @@ INDEXED_FIELDS = ("doc_id", "fingerprint")
 LATENT_DTYPES = ("float16", "uint8")
 # payload keys the system writes and reads; a document's own field of the same name never replaces one
 SYSTEM_FIELDS = frozenset({"text", "doc_id", "source", "chunk_index", "start_char", "end_char", "num_tokens", "content_hash",
-                           "fingerprint", "ratio", "latent_scale", "latent_offset", "node_id"})
+                           "fingerprint", "ratio", "latent_scale", "latent_offset", "node_id", "key_terms"})
 USER_FIELDS = "user_fields"  # where a document's fields named like system ones are kept
 
 

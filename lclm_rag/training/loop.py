@@ -143,6 +143,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
         stage = cfg.stages[stage_index]
         if stage.ratio is not None:
             set_ratio(model, stage.ratio)
+        if stage.name in ("restoration", "qa"):  # the checkpoint reads the sidecar it was trained with
+            model.config.sidecar_terms = stage.key_terms
         if stage.name == "alignment":
             check_shared_tokenizer(model)
         params = set_trainable(model, stage.train)
