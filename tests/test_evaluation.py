@@ -228,6 +228,22 @@ def test_rag_eval_errors(tmp_path, model):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_sidecar_model_reads_its_key_terms_in_every_latent_mode_of_the_rag_eval(tmp_path, model):
+    records = [json.loads(line) for line in (SHARED / "qa" / "squad_dev.jsonl").open().readlines()[:120:30]]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kwargs = dict(limit=2, seed=1, top_k=2, max_new_tokens=2, progress=False)
+    plain = {r["mode"]: r for r in run_rag_eval(data, [model], ["latent", "gold-latent"], workdir=tmp_path / "plain", **kwargs)["scores"]}
+    try:
+        model.config.sidecar_terms = 3
+        sidecar = {r["mode"]: r for r in run_rag_eval(data, [model], ["latent", "gold-latent"], workdir=tmp_path / "sidecar",
+                                                      **kwargs)["scores"]}
+    finally:
+        model.config.sidecar_terms = 0
+    for mode in ("latent 1:4 top-2", "gold latent 1:4"):  # the key terms after each passage's latents, counted
+        assert sidecar[mode]["prompt_positions"] > plain[mode]["prompt_positions"] + 4
+
+
 def test_paired_comparison_scores_each_question_against_the_same_question(tmp_path):
     data = tmp_path / "qa.jsonl"
     rows = [{"context": f"c{i}", "question": f"q{i}", "answers": [f"answer {i}"]} for i in range(4)]

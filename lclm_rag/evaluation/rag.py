@@ -20,7 +20,7 @@ from lclm_rag.data import check_qa_records, corpus_documents, doc_id_of, load_js
 from lclm_rag.errors import InputError
 from lclm_rag.evaluation.measure import PeakRSS, machine_info
 from lclm_rag.evaluation.metrics import score_predictions
-from lclm_rag.planning import Passage
+from lclm_rag.planning import Passage, sidecar_notes
 from lclm_rag.policies import POLICIES
 from lclm_rag.query_config import QueryConfig
 from lclm_rag.rag import Answer, LatentRAG
@@ -83,9 +83,13 @@ class EvalCollection:
                                    max_new_tokens=max_new_tokens)
         return _asked(rag.answer(question))
 
-    def gold_latents(self, record: dict) -> list:
+    def ask_gold_latents(self, record: dict, max_new_tokens: int) -> "Asked":
+        """The gold passage's stored latents (with their sidecar, where the model reads one), no retrieval."""
         ids = self.store.ids_of_doc(doc_id_of(record["context"]))
-        return [p.latents for p in sorted(self.store.retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])]
+        stored = sorted(self.store.retrieve(sorted(ids)), key=lambda p: p.payload["chunk_index"])
+        passages = [Passage(p.id, p.text, None, p.latents, payload=p.payload) for p in stored]
+        notes = sidecar_notes(self.model, passages, list(range(len(passages))), set())
+        return _direct(self.model, record["question"], [p.latents for p in passages], max_new_tokens, notes=notes)
 
 
 def _asked(answer: Answer) -> Asked:
@@ -96,10 +100,10 @@ def _asked(answer: Answer) -> Asked:
 
 
 def _direct(model, question: str, slots, max_new_tokens: int, start: float | None = None, docs: list | None = None,
-            expanded: int = 0) -> Asked:
+            expanded: int = 0, notes: list[str] | None = None) -> Asked:
     """No retrieval (none, gold and LongLLMLingua modes): the prompt of these slots, generated as the query path does."""
     start = start or time.perf_counter()
-    segments = model.decoder.qa_segments(question, slots)
+    segments = model.decoder.qa_segments(question, slots, notes)
     text, first = LatentRAG(model, config=QueryConfig(max_new_tokens=max_new_tokens)).generate(segments)
     return Asked(text, start, first, time.perf_counter(), model.prompt_positions(segments), docs, expanded)
 
@@ -148,7 +152,7 @@ def _jobs(modes: Sequence[str], setups: list[EvalCollection], top_k: int, expand
         "auto": lambda s: [(f"auto < {t:g}: expand {expand} ({auto_policy}) @{s.label}",
                             lambda r, t=t: s.ask_auto(r["question"], t, expand, auto_policy, max_new_tokens),
                             contextlib.nullcontext, {**base, **s.retrieval, **s.reads}) for t in thresholds],
-        "gold-latent": lambda s: [(f"gold latent {s.label}", lambda r: _direct(s.model, r["question"], s.gold_latents(r), max_new_tokens),
+        "gold-latent": lambda s: [(f"gold latent {s.label}", lambda r: s.ask_gold_latents(r, max_new_tokens),
                                    contextlib.nullcontext, {**base, **s.reads})],
         "gold-text": lambda s: [("gold text", lambda r: _direct(base_model, r["question"], [r["context"]], max_new_tokens, expanded=1),
                                  off, base)],
