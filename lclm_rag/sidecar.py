@@ -21,7 +21,7 @@ _WORD = r"[A-Z][\w'’\-]*"
 _LINK = r"(?:of|de|da|del|der|van|von|la|le|the|du)"
 _MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
 _DATE = rf"{_MONTH}\s+\d{{1,2}}(?:,\s*\d{{4}})?|\d{{1,2}}\s+{_MONTH}(?:\s+\d{{4}})?|{_MONTH}\s+\d{{4}}"
-_PHRASE = rf"{_WORD}(?:\s+(?:{_LINK}\s+)?{_WORD})*"
+_PHRASE = rf"{_WORD}(?:[ \t]+(?:{_LINK}[ \t]+)?{_WORD})*"  # within a line: a heading never runs into its text
 _TERM = re.compile(rf"(?<![\w])(?:{_DATE}|{_NUMBER}|{_PHRASE})")
 # capitalised only because a sentence starts with them
 _FUNCTION_WORDS = frozenset("""a an the this that these those it its it's he she they we i you his her their our

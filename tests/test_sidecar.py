@@ -39,3 +39,10 @@ def test_a_passages_sidecar_is_its_stored_terms_else_its_own_texts():
     assert passage_sidecar(text, None, 2) == "Key terms: Gustave Eiffel; 1889"
     assert passage_sidecar(text, {"key_terms": "not a list"}, 2) == "Key terms: Gustave Eiffel; 1889"  # a damaged field
     assert passage_sidecar("no names here", {}, 3) == ""
+
+
+def test_a_term_never_runs_across_a_line_break():
+    from lclm_rag.sidecar import key_terms
+
+    assert key_terms("# The Eiffel Tower\n\nThe Eiffel Tower stands in Paris.") == ["Eiffel Tower", "Paris"]
+    assert key_terms("Gustave Eiffel of Paris\nBuilt It") == ["Gustave Eiffel of Paris", "Built It"]
