@@ -18,7 +18,8 @@ GOLD_MODES = ("none", "text", "text-base", "latent", "latent-control", "key-term
               "latent+key-terms-control", "latent+lead", "latent+lead-control", "key-terms@sidecar", "lead@sidecar")
 # text cut to the positions the passage's latents take (or, @sidecar, its latents and their sidecar)
 EQUAL_POSITION_MODES = ("key-terms", "lead", "key-terms@sidecar", "lead@sidecar")
-SIDECAR_TERMS = 12  # key terms after the latents in the latent+key-terms modes
+SIDECAR_TERMS = 12  # key terms after the latents in the latent+key-terms modes, for a checkpoint trained without
+#                     a sidecar (one trained with it reads its own ``sidecar_terms``)
 LEAD_PREFIX = "Opening: "  # the latent+lead modes' note: the passage's first tokens after its latents
 
 
@@ -27,21 +28,27 @@ def _lead(decoder, text: str, positions: int) -> str:
     return decoder.tokenizer.decode(decoder.text_ids(text)[:positions])
 
 
-def _sidecar_positions(dec, text: str) -> int:
-    return len(dec.text_ids(" " + sidecar_text(key_terms(text, SIDECAR_TERMS))))
+def _sidecar(model, text: str) -> str:
+    """The passage's key-term sidecar as the latent+key-terms modes place it after its latents."""
+    return sidecar_text(key_terms(text, model.config.sidecar_terms or SIDECAR_TERMS))
 
 
-def _lead_note(dec, text: str) -> str:
+def _sidecar_positions(model, text: str) -> int:
+    return len(model.decoder.text_ids(" " + _sidecar(model, text)))
+
+
+def _lead_note(model, text: str) -> str:
     """The passage's opening as the note after its latents, as many positions as its key-term sidecar
     would take: the latents then hold what the text leaves out, at the same cost as the sidecar."""
-    return LEAD_PREFIX + _lead(dec, text, max(1, _sidecar_positions(dec, text) - len(dec.text_ids(" " + LEAD_PREFIX))))
+    dec = model.decoder
+    return LEAD_PREFIX + _lead(dec, text, max(1, _sidecar_positions(model, text) - len(dec.text_ids(" " + LEAD_PREFIX))))
 
 
 def _equal_position_text(model, mode: str, text: str, latents: int) -> str:
     dec = model.decoder
     positions = latent_positions(latents, model.config.boundary_positions)  # one boundary (Squid, ARC) or two
     if mode.endswith("@sidecar"):
-        positions += _sidecar_positions(dec, text)
+        positions += _sidecar_positions(model, text)
     if mode.startswith("lead"):
         return _lead(dec, text, positions)
     return fit_key_terms(text, positions, lambda t: len(dec.text_ids(t))) or _lead(dec, text, positions)
@@ -92,9 +99,9 @@ def evaluate_gold_passage(model, records: Sequence[dict], mode: str, max_new_tok
                         latents = [as_stored(lat, latent_dtype) for lat in latents]
                     contexts = [[lat] for lat in latents]
                     if "key-terms" in mode:
-                        notes = [[sidecar_text(key_terms(r["context"], SIDECAR_TERMS))] for r in batch]
+                        notes = [[_sidecar(model, r["context"])] for r in batch]
                     elif "lead" in mode:
-                        notes = [[_lead_note(model.decoder, r["context"])] for r in batch]
+                        notes = [[_lead_note(model, r["context"])] for r in batch]
             prompts = [model.decoder.segments(model.decoder.qa_user_message(q, len(c), n), c)
                        for q, c, n in zip(questions, contexts, notes or [None] * len(batch))]
             positions.extend(_passage_positions(model, prompts, q) for prompts, q in zip(prompts, questions))
