@@ -60,6 +60,10 @@ def test_checkpoint_errors(tmp_path, model):
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"ratio": 4, "colour": "red"}))
     with pytest.raises(ConfigError, match="unknown config keys"):
         LatentContextModel.from_pretrained(tmp_path / "bad")
+    (tmp_path / "candidate" / "model").mkdir(parents=True)  # a training candidate holds its model one level down
+    (tmp_path / "candidate" / "model" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="has no config.json \\(a training run or candidate: its model is '.*candidate/model'\\)"):
+        LatentContextModel.from_pretrained(tmp_path / "candidate")
 
 
 def test_projector_width_mismatch_is_named(tmp_path, model):
