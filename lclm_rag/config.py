@@ -157,8 +157,8 @@ class LatentConfig:
         if not Path(directory).is_dir():
             raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
         if not path.exists():
-            inner = next((Path(directory) / sub for sub in ("model", "final", "checkpoint/model")
-                          if (Path(directory) / sub / CONFIG_NAME).exists()), None)
+            inner = next((path.parent / sub for sub in ("model", "final", "checkpoint/model")
+                          if (path.parent / sub / CONFIG_NAME).exists()), None)
             hint = f" (a training run or candidate: its model is {str(inner)!r})" if inner else ""
             raise CheckpointError(f"checkpoint {str(directory)!r} has no {CONFIG_NAME}{hint}")
         try:

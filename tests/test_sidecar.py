@@ -42,7 +42,5 @@ def test_a_passages_sidecar_is_its_stored_terms_else_its_own_texts():
 
 
 def test_a_term_never_runs_across_a_line_break():
-    from lclm_rag.sidecar import key_terms
-
     assert key_terms("# The Eiffel Tower\n\nThe Eiffel Tower stands in Paris.") == ["Eiffel Tower", "Paris"]
     assert key_terms("Gustave Eiffel of Paris\nBuilt It") == ["Gustave Eiffel of Paris", "Built It"]
