@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,10 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
             scheduler.load_state_dict(saved["scheduler"])
             _set_rng_state(saved["rng"])
         elif from_candidate and state["stage"] == stage_index:
-            for _ in range(state["step"]):  # the schedule where the run stood
-                scheduler.step()
+            with warnings.catch_warnings():  # stepping the schedule alone is the point: no optimizer step yet
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for _ in range(state["step"]):  # the schedule where the run stood
+                    scheduler.step()
         encoder_trainable = bool(ENCODER_PARTS & set(stage.train))
         if stage.answers == "teacher" and teacher is None:
             teacher = TeacherAnswers(cfg, model, out, rank, accelerator.device)
