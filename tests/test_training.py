@@ -15,6 +15,7 @@ from lclm_rag.config import LatentConfig
 from lclm_rag.data import load_jsonl
 from lclm_rag.errors import ConfigError
 from lclm_rag.model import LatentContextModel
+from lclm_rag.skim import SkimProbe
 from lclm_rag.training import TrainConfig, train
 from lclm_rag.training.examples import ExampleSource
 
@@ -160,12 +161,15 @@ def test_fresh_training_calibrates_the_projector_and_init_from_can_change_the_ra
     final = train(TrainConfig.load(_config(tmp_path, tiny_models, "cal", steps=(2, 1))))
     model = LatentContextModel.from_pretrained(final)
     assert model.decoder.projector.calibrated  # saved with the checkpoint
+    n_weights = model.decoder.model.config.num_hidden_layers * model.decoder.model.config.num_attention_heads + 2
+    SkimProbe(torch.zeros(n_weights), model.decoder.fingerprint()).save_pretrained(final)
     cfg = json.loads(_config(tmp_path, tiny_models, "r8", steps=(1, 1)).read_text())
     cfg.update(init_from=str(final), model={"ratio": 8})
     path = tmp_path / "r8.json"
     path.write_text(json.dumps(cfg))
     r8 = LatentContextModel.from_pretrained(train(TrainConfig.load(path)))
     assert r8.config.ratio == 8 and r8.fingerprint() != model.fingerprint()
+    assert r8.skim_probe is None  # fitted on the reader the run retrained: it does not carry over
     # the r4 statistics are kept (the projector was trained on them), not re-measured
     torch.testing.assert_close(r8.decoder.projector.latent_shift, model.decoder.projector.latent_shift)
     assert r8.compress(["one two three four five six seven eight nine"])[0].shape[0] == 2

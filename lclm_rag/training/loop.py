@@ -124,6 +124,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, resume_from: str | Pat
     else:
         if cfg.init_from:
             model = LatentContextModel.from_pretrained(cfg.init_from, **cfg.model)
+            model.use_skim_probe(None)  # fitted on the reader this run retrains: refit it on the result
             if "projector" in cfg.reinit:
                 model.decoder.reset_projector()
         else:
